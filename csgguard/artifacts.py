@@ -1,0 +1,148 @@
+"""Run directories and the files in them: safetensors + JSON, hashes, atomic writes.
+
+Nothing here unpickles. A tensor file is only ever read by ``safetensors`` after
+its sha256 matched the one recorded in the JSON manifest beside it, so a file
+from a stranger can at worst be refused, never executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import ArtifactError
+
+DEFAULT_RUN = Path("runs/default")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy / torch scalars and arrays, paths and tuples into JSON types."""
+    import numpy as np
+
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+        return None
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> str:
+    """Atomically write a safetensors file; return its sha256 (to record in the manifest)."""
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    data = st_save(clean, metadata=dict(metadata) if metadata else None)
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
+
+
+def load_tensors(path: str | os.PathLike, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file after checking its hash; never unpickles anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: weights file not found")
+    data = path.read_bytes()
+    if expected_sha256 is not None:
+        actual = sha256_bytes(data)
+        if actual != expected_sha256:
+            raise ArtifactError(
+                f"{path}: sha256 {actual[:12]}... does not match the manifest's "
+                f"{expected_sha256[:12]}... (file altered or from another run); refusing to load"
+            )
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def library_versions() -> dict[str, str]:
+    import platform
+
+    import numpy
+    import sklearn
+
+    from . import __version__
+
+    versions = {
+        "csgguard": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+    try:
+        import foolbox
+
+        versions["foolbox"] = foolbox.__version__
+    except Exception:  # foolbox is optional for loading a model
+        pass
+    return versions

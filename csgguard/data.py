@@ -1,0 +1,483 @@
+"""Datasets by name -> train / validation / test splits of [0, 1] images.
+
+One way to name data everywhere (CLI and API):
+
+* ``digits``            scikit-learn's 8x8 handwritten digits (embedded, no download)
+* ``mnist``             the four IDX files (.gz or raw) under ``root`` (also torchvision's
+                        ``MNIST/raw`` layout); MD5 of the decompressed bytes is checked
+* ``cifar10``           torchvision's ``cifar-10-batches-py`` / ``-bin`` root, or an
+                        image-folder tree (``train/<class>/*``, ``test/<class>/*``) or its
+                        ``train.tar.gz`` / ``test.tar.gz``
+* ``imagefolder:PATH``  any class-per-folder tree of PNG/JPEG images
+
+Images are held in memory as uint8 (or float for digits) and reach the model as
+float32 in [0, 1]; normalisation lives inside the model. The validation split is
+carved from the training split with a fixed seed, so it is the same for every run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import struct
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+MNIST_FILES = {
+    "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
+    "train_labels": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
+    "test_images": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
+    "test_labels": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
+}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+DATASET_NAMES = ("digits", "mnist", "cifar10", "imagefolder:PATH")
+
+
+@dataclass
+class Split:
+    """Images (N, C, H, W) and labels of one split; ``indices`` point into the source split."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @staticmethod
+    def to_float(images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            return images.float().div_(255.0)
+        return images.float()
+
+    def x(self) -> torch.Tensor:
+        """All images as float32 in [0, 1]."""
+        return self.to_float(self.images)
+
+    def subset(self, positions: np.ndarray | list[int], name: str | None = None) -> Split:
+        pos = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        return Split(name or self.name, self.images[pos], self.labels[pos], self.indices[pos.numpy()])
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+                drop_last: bool = False, positions: torch.Tensor | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (x float [0,1], y) batches; ``positions`` restricts to a subset (e.g. a DDP shard)."""
+        n = len(self)
+        order = positions if positions is not None else (
+            torch.randperm(n, generator=generator) if shuffle else torch.arange(n))
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            idx = order[start:start + batch_size]
+            yield self.to_float(self.images[idx]), self.labels[idx]
+
+
+@dataclass
+class Dataset:
+    """A named dataset: its three splits plus what the model needs to know about inputs."""
+
+    name: str
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    source: str = ""
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[2])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise DataError(f"unknown split {name!r}; choose train, val or test")
+        return getattr(self, name)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    x = Split.to_float(images[: min(len(images), 20000)])
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp(min=1e-3)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def _carve_val(images: torch.Tensor, labels: torch.Tensor, val_fraction: float, seed: int
+               ) -> tuple[Split, Split]:
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    n_val = int(round(n * val_fraction))
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    train = Split("train", images[train_idx], labels[train_idx], train_idx)
+    val = Split("val", images[val_idx], labels[val_idx], val_idx)
+    return train, val
+
+
+def _make(name: str, classes: list[str], train_images, train_labels, test_images, test_labels,
+          val_fraction: float, seed: int, source: str) -> Dataset:
+    train_images = torch.as_tensor(train_images)
+    test_images = torch.as_tensor(test_images)
+    train_labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.int64)
+    test_labels = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64)
+    if len(train_labels) == 0 or len(test_labels) == 0:
+        raise DataError(f"{source}: a split is empty (train {len(train_labels)}, test {len(test_labels)} images)")
+    train, val = _carve_val(train_images, train_labels, val_fraction, seed)
+    test = Split("test", test_images, test_labels, np.arange(len(test_labels)))
+    mean, std = _channel_stats(train.images)
+    return Dataset(name, classes, train, val, test, source, mean, std)
+
+
+# ----------------------------------------------------------------------------- digits
+
+def load_digits_dataset(val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.4) -> Dataset:
+    """scikit-learn's digits (1,797 8x8 images, 17 grey levels), a fixed stratified train/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
+    idx = np.arange(len(d.target))
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=d.target)
+    tr, te = np.sort(tr), np.sort(te)
+    ds = _make("digits", [str(i) for i in range(10)], x[tr], d.target[tr], x[te], d.target[te],
+               val_fraction, seed, "sklearn.datasets.load_digits")
+    # keep indices into the original 1,797 images, so reports can name them
+    ds.train.indices = tr[ds.train.indices]
+    ds.val.indices = tr[ds.val.indices]
+    ds.test.indices = te
+    return ds
+
+
+# ----------------------------------------------------------------------------- MNIST
+
+def _find_file(root: Path, stem: str, subdirs: tuple[str, ...]) -> Path | None:
+    for sub in subdirs:
+        for suffix in ("", ".gz"):
+            p = root / sub / (stem + suffix)
+            if p.is_file():
+                return p
+    return None
+
+
+def _read_maybe_gz(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+
+
+def read_idx(data: bytes, path: Path) -> np.ndarray:
+    """Parse an IDX file (the MNIST format): magic, dims, then unsigned bytes."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated IDX file ({body.size} bytes for shape {dims})")
+    return body.reshape(dims)
+
+
+def load_mnist_dataset(root: str | os.PathLike, val_fraction: float = 1 / 12, seed: int = 0,
+                       verify: bool = True) -> Dataset:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: MNIST root directory not found (pass --data-root)")
+    subdirs = (".", "mnist", "MNIST/raw", "raw")
+    arrays = {}
+    for key, (stem, md5) in MNIST_FILES.items():
+        path = _find_file(root, stem, subdirs)
+        if path is None:
+            raise DataError(f"{root}: MNIST file {stem}[.gz] not found (looked in {', '.join(subdirs)})")
+        data = _read_maybe_gz(path)
+        if verify:
+            got = hashlib.md5(data).hexdigest()
+            if got != md5:
+                raise DataError(f"{path}: MD5 of decompressed bytes is {got}, expected {md5} (corrupt or not MNIST)")
+        arrays[key] = read_idx(data, path)
+    return _make("mnist", [str(i) for i in range(10)],
+                 arrays["train_images"][:, None], arrays["train_labels"],
+                 arrays["test_images"][:, None], arrays["test_labels"], val_fraction, seed, str(root))
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def _decode(data: bytes, name: str, mode: str | None, size: int | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            im = im.convert(mode or ("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"))
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{name}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _decode_many(items: list[tuple[str, bytes, int]], mode: str | None, size: int | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    if not items:
+        raise DataError("no images found")
+    if mode is None or size is None:
+        first = _decode(items[0][1], items[0][0], mode, size)
+        mode = mode or ("L" if first.shape[0] == 1 else "RGB")
+        size = size or first.shape[1]
+    images = np.stack([_decode(data, name, mode, size) for name, data, _ in items])
+    labels = np.array([label for _, _, label in items], dtype=np.int64)
+    return images, labels
+
+
+def _scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, bytes, int]]]:
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = classes or found
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
+    items = []
+    for label, cls in enumerate(classes):
+        folder = root / cls
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.rglob("*")):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                items.append((str(p), p.read_bytes(), label))
+    if not items:
+        raise DataError(f"{root}: image folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return classes, items
+
+
+def _scan_tar(path: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, bytes, int]]]:
+    """Read ``<split>/<class>/<file>`` members from an image-folder tarball."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            raw = []
+            for m in tar:
+                if not m.isfile() or Path(m.name).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                parts = Path(m.name).parts
+                if len(parts) < 2:
+                    continue
+                f = tar.extractfile(m)
+                if f is not None:
+                    raw.append((parts[-2], f"{path}:{m.name}", f.read()))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read tarball ({exc})") from None
+    classes = classes or sorted({c for c, _, _ in raw})
+    index = {c: i for i, c in enumerate(classes)}
+    items = sorted((name, data, index[c]) for c, name, data in raw if c in index)
+    if not items:
+        raise DataError(f"{path}: tarball holds no images")
+    return classes, items
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("CSGGUARD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "csgguard")
+    return Path(base)
+
+
+def _cached_decode(key_paths: list[Path], build, tag: str):
+    """Decode once and keep uint8 arrays in a safetensors cache keyed by path, size and mtime."""
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save as st_save_np
+
+    from .artifacts import atomic_write_bytes
+
+    h = hashlib.sha256(tag.encode())
+    for p in key_paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    cache = _cache_dir() / f"{h.hexdigest()[:24]}.safetensors"
+    if cache.is_file():
+        try:
+            d = load_file(str(cache))
+            classes = bytes(d.pop("classes")).decode().split("\n")
+            return classes, d
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            cache.unlink(missing_ok=True)
+    classes, arrays = build()
+    payload = dict(arrays)
+    payload["classes"] = np.frombuffer("\n".join(classes).encode(), dtype=np.uint8).copy()
+    try:
+        atomic_write_bytes(cache, st_save_np(payload))
+    except OSError:
+        pass  # a read-only cache is fine: we decode again next time
+    return classes, arrays
+
+
+def load_imagefolder_dataset(path: str | os.PathLike, *, name: str = "imagefolder", val_fraction: float = 0.1,
+                             seed: int = 0, test_fraction: float = 0.2, image_size: int | None = None,
+                             mode: str | None = None, classes: list[str] | None = None) -> Dataset:
+    """A class-per-folder tree; uses ``train/`` and ``test/`` sub-trees when both exist.
+
+    Also accepts a directory holding ``train.tar.gz`` and ``test.tar.gz`` (each an
+    image-folder tree), as the CIFAR-10 JPEG copy is shipped.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"{root}: image folder not found")
+    tars = [root / "train.tar.gz", root / "test.tar.gz"]
+    if all(t.is_file() for t in tars):
+        def build():
+            cls, tr = _scan_tar(tars[0], classes)
+            _, te = _scan_tar(tars[1], cls)
+            xtr, ytr = _decode_many(tr, mode, image_size)
+            xte, yte = _decode_many(te, mode, xtr.shape[1] == 1 and "L" or "RGB", xtr.shape[2])
+            return cls, {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte}
+        cls, a = _cached_decode(tars, build, f"tar|{image_size}|{mode}|{classes}")
+        return _make(name, cls, a["xtr"], a["ytr"], a["xte"], a["yte"], val_fraction, seed, str(root))
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        cls, tr = _scan_folder(root / "train", classes)
+        _, te = _scan_folder(root / "test", cls)
+        xtr, ytr = _decode_many(tr, mode, image_size)
+        xte, yte = _decode_many(te, "L" if xtr.shape[1] == 1 else "RGB", xtr.shape[2])
+        return _make(name, cls, xtr, ytr, xte, yte, val_fraction, seed, str(root))
+    cls, items = _scan_folder(root, classes)
+    x, y = _decode_many(items, mode, image_size)
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    strat = y if np.bincount(y).min() >= 2 else None
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=strat)
+    tr, te = np.sort(tr), np.sort(te)
+    return _make(name, cls, x[tr], y[tr], x[te], y[te], val_fraction, seed, str(root))
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+class _CifarUnpickler:
+    """Read torchvision's ``cifar-10-batches-py`` files without executing code.
+
+    Those files are Python pickles of a dict of numpy arrays. A restricted
+    unpickler admits only the few numpy reconstruction globals such a file needs
+    and refuses any other global, so a tampered batch cannot run code.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    @classmethod
+    def load(cls, path: Path) -> dict:
+        import pickle
+
+        allowed = cls.ALLOWED
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module: str, name: str):
+                if (module, name) in allowed:
+                    return super().find_class(module, name)
+                raise DataError(f"{path}: refuses global {module}.{name} (not a CIFAR-10 batch)")
+
+        try:
+            with open(path, "rb") as f:
+                return Restricted(f, encoding="latin1").load()
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read CIFAR-10 batch ({exc.__class__.__name__})") from None
+
+
+def _cifar_py(folder: Path) -> tuple[np.ndarray, ...]:
+    parts = []
+    for fname in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        p = folder / fname
+        if not p.is_file():
+            raise DataError(f"{p}: CIFAR-10 batch not found")
+        d = _CifarUnpickler.load(p)
+        data = np.asarray(d.get("data"), dtype=np.uint8).reshape(-1, 3, 32, 32)
+        parts.append((data, np.asarray(d.get("labels"), dtype=np.int64)))
+    xtr = np.concatenate([p[0] for p in parts[:5]])
+    ytr = np.concatenate([p[1] for p in parts[:5]])
+    return xtr, ytr, parts[5][0], parts[5][1]
+
+
+def _cifar_bin(folder: Path) -> tuple[np.ndarray, ...]:
+    def read(name: str):
+        p = folder / name
+        if not p.is_file():
+            raise DataError(f"{p}: CIFAR-10 binary batch not found")
+        raw = np.fromfile(p, dtype=np.uint8)
+        if raw.size % 3073:
+            raise DataError(f"{p}: size {raw.size} is not a multiple of 3073 (truncated?)")
+        rec = raw.reshape(-1, 3073)
+        return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
+
+    tr = [read(f"data_batch_{i}.bin") for i in range(1, 6)]
+    xte, yte = read("test_batch.bin")
+    return np.concatenate([t[0] for t in tr]), np.concatenate([t[1] for t in tr]), xte, yte
+
+
+def load_cifar10_dataset(root: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: CIFAR-10 root directory not found (pass --data-root)")
+    for sub in (root / "cifar-10-batches-py", root / "cifar10" / "cifar-10-batches-py"):
+        if sub.is_dir():
+            xtr, ytr, xte, yte = _cifar_py(sub)
+            return _make("cifar10", CIFAR10_CLASSES, xtr, ytr, xte, yte, val_fraction, seed, str(sub))
+    for sub in (root / "cifar-10-batches-bin",):
+        if sub.is_dir():
+            xtr, ytr, xte, yte = _cifar_bin(sub)
+            return _make("cifar10", CIFAR10_CLASSES, xtr, ytr, xte, yte, val_fraction, seed, str(sub))
+    for sub in (root, root / "cifar10-jpeg"):
+        if (sub / "train.tar.gz").is_file() or ((sub / "train").is_dir() and (sub / "test").is_dir()):
+            ds = load_imagefolder_dataset(sub, name="cifar10", val_fraction=val_fraction, seed=seed,
+                                          image_size=32, mode="RGB", classes=CIFAR10_CLASSES)
+            return ds
+    raise DataError(f"{root}: no CIFAR-10 found (expected cifar-10-batches-py/, cifar-10-batches-bin/, "
+                    "train.tar.gz + test.tar.gz, or train/ + test/ image folders)")
+
+
+# ----------------------------------------------------------------------------- by name
+
+def load_dataset(spec: str = "digits", root: str | os.PathLike | None = None, *, seed: int = 0,
+                 val_fraction: float | None = None) -> Dataset:
+    """Resolve a dataset name (see module docstring) into its splits."""
+    spec = (spec or "digits").strip()
+    kw = {"seed": seed}
+    if val_fraction is not None:
+        kw["val_fraction"] = val_fraction
+    if spec == "digits":
+        return load_digits_dataset(**kw)
+    root = root if root is not None else os.environ.get("CSGGUARD_DATA_ROOT")
+    if spec == "mnist":
+        if root is None:
+            raise DataError("mnist needs --data-root DIR holding the IDX files (or CSGGUARD_DATA_ROOT)")
+        return load_mnist_dataset(root, **kw)
+    if spec == "cifar10":
+        if root is None:
+            raise DataError("cifar10 needs --data-root DIR (or CSGGUARD_DATA_ROOT)")
+        return load_cifar10_dataset(root, **kw)
+    if spec.startswith("imagefolder:"):
+        path = spec.split(":", 1)[1]
+        if not path:
+            raise DataError("imagefolder needs a path: --data imagefolder:PATH")
+        return load_imagefolder_dataset(path, **kw)
+    raise DataError(f"unknown dataset {spec!r}; choose one of {', '.join(DATASET_NAMES)}")

@@ -1,0 +1,69 @@
+"""Accuracy, gate density, mutual-information score, and detection metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean()) if len(labels) else float("nan")
+
+
+def mutual_information_score(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
+                             max_samples: int = 2000, seed: int = 0) -> float:
+    """MIS (method.md section 2): mean over filters of the max over classes of MI(a_k; [y == c]).
+
+    Uses scikit-learn's ``mutual_info_classif`` (k-NN estimator). At most
+    ``max_samples`` held-out samples are used (a fixed random subset), which keeps it
+    to seconds on MNIST-sized test sets.
+    """
+    from sklearn.feature_selection import mutual_info_classif
+
+    pooled = np.asarray(pooled, dtype=np.float64)
+    labels = np.asarray(labels)
+    if len(labels) > max_samples:
+        idx = np.random.default_rng(seed).choice(len(labels), max_samples, replace=False)
+        pooled, labels = pooled[idx], labels[idx]
+    mi = np.stack([mutual_info_classif(pooled, (labels == c).astype(int), random_state=seed)
+                   for c in range(num_classes)], axis=1)  # (K, C)
+    return float(mi.max(axis=1).mean())
+
+
+def auroc(clean_scores: np.ndarray, adv_scores: np.ndarray) -> float:
+    """Area under the ROC curve with adversarial as the positive class (higher score = more adversarial)."""
+    from sklearn.metrics import roc_auc_score
+
+    clean_scores, adv_scores = np.asarray(clean_scores), np.asarray(adv_scores)
+    if len(clean_scores) == 0 or len(adv_scores) == 0:
+        return float("nan")
+    y = np.r_[np.zeros(len(clean_scores)), np.ones(len(adv_scores))]
+    return float(roc_auc_score(y, np.r_[clean_scores, adv_scores]))
+
+
+def threshold_at_fpr(clean_scores: np.ndarray, fpr: float) -> float:
+    """Smallest threshold whose false-positive rate on ``clean_scores`` is at most ``fpr``.
+
+    An input is flagged when ``score > threshold``; the threshold is the (1 - fpr)
+    empirical quantile of the clean scores, taken conservatively ("higher").
+    """
+    s = np.sort(np.asarray(clean_scores, dtype=np.float64))
+    if len(s) == 0:
+        raise ValueError("no clean scores to calibrate on")
+    k = int(np.ceil((1.0 - fpr) * len(s))) - 1
+    return float(s[min(max(k, 0), len(s) - 1)])
+
+
+def tpr_at_threshold(adv_scores: np.ndarray, threshold: float) -> float:
+    a = np.asarray(adv_scores)
+    return float((a > threshold).mean()) if len(a) else float("nan")
+
+
+def roc_points(clean_scores: np.ndarray, adv_scores: np.ndarray, max_points: int = 200) -> dict[str, list[float]]:
+    from sklearn.metrics import roc_curve
+
+    y = np.r_[np.zeros(len(clean_scores)), np.ones(len(adv_scores))]
+    fpr, tpr, _ = roc_curve(y, np.r_[clean_scores, adv_scores])
+    if len(fpr) > max_points:
+        keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}

@@ -1,0 +1,132 @@
+"""The detector contract: scikit-learn style, on :class:`csgguard.features.Features`.
+
+* ``__init__`` only stores parameters (keyword-only).
+* ``fit(clean, adversarial=None)`` learns attributes ending in ``_`` from clean
+  features (and, for supervised detectors, adversarial ones).
+* ``calibrate(clean_heldout)`` sets ``threshold_`` so that the share of held-out
+  clean inputs with ``score > threshold_`` is at most ``fpr`` -- on data the fit
+  did not use. ``offset_`` is the same number (scikit-learn's name for it).
+* ``score_samples(features)``: one score per input, higher = more adversarial.
+* ``decision_function(features) = score_samples - threshold_``; ``predict`` = 1 where > 0.
+* ``state()`` / ``from_state()``: arrays + JSON-able params, so a fitted detector is
+  saved as safetensors + JSON (see :mod:`csgguard.detectors.store`), never pickled.
+
+Detectors that need more than features (feature squeezing, Mahalanobis with input
+pre-processing) set ``needs_inputs = True`` and receive the model and the [0, 1]
+input batch explicitly through ``bind_model`` and the ``inputs=`` keyword.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import CsgguardError
+from ..features import Features
+from ..metrics import threshold_at_fpr
+
+
+class NotFittedError(CsgguardError):
+    pass
+
+
+class Detector:
+    """Base class: subclasses implement ``_fit`` and ``_score``; calibration lives here once."""
+
+    name: ClassVar[str] = "base"
+    supervised: ClassVar[bool] = False     # needs adversarial features to fit
+    needs_inputs: ClassVar[bool] = False   # needs the model and raw inputs (extra forward passes)
+    needs_gate: ClassVar[bool] = False     # only meaningful on a CSG model
+
+    def __init__(self, *, fpr: float = 0.05) -> None:
+        self.fpr = fpr
+
+    # -- parameters (scikit-learn style) ------------------------------------
+    def get_params(self) -> dict[str, Any]:
+        import inspect
+
+        sig = inspect.signature(type(self).__init__)
+        return {k: getattr(self, k) for k in sig.parameters if k != "self"}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+    # -- learning -----------------------------------------------------------
+    def fit(self, clean: Features, adversarial: Features | None = None, *, inputs=None,
+            adversarial_inputs=None) -> Detector:
+        if self.needs_gate and clean.gate is None:
+            raise CsgguardError(f"detector {self.name!r} needs a CSG model (this model has no gate)")
+        if self.supervised and (adversarial is None or len(adversarial) == 0):
+            raise CsgguardError(f"detector {self.name!r} is supervised: it needs adversarial examples to fit")
+        if len(clean) == 0:
+            raise CsgguardError(f"detector {self.name!r}: no clean samples to fit on")
+        self._fit(clean, adversarial, inputs=inputs, adversarial_inputs=adversarial_inputs)
+        self.fitted_ = True
+        return self
+
+    def calibrate(self, clean_heldout: Features, *, inputs=None) -> Detector:
+        """Choose ``threshold_`` on held-out clean data for the target ``fpr``."""
+        n = len(clean_heldout)
+        if n == 0:
+            raise CsgguardError("no clean held-out samples to calibrate the threshold on")
+        if n * self.fpr < 1:
+            raise CsgguardError(f"{n} clean calibration images are too few for a {self.fpr:g} false-positive "
+                                f"rate (need at least {int(np.ceil(1 / self.fpr))})")
+        scores = self.score_samples(clean_heldout, inputs=inputs)
+        self.threshold_ = threshold_at_fpr(scores, self.fpr)
+        self.offset_ = self.threshold_
+        self.calibration_size_ = n
+        return self
+
+    # -- scoring ------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not getattr(self, "fitted_", False):
+            raise NotFittedError(f"detector {self.name!r} is not fitted yet")
+
+    def score_samples(self, features: Features, *, inputs=None) -> np.ndarray:
+        self._check_fitted()
+        return np.asarray(self._score(features, inputs=inputs), dtype=np.float64)
+
+    def decision_function(self, features: Features, *, inputs=None) -> np.ndarray:
+        if not hasattr(self, "threshold_"):
+            raise NotFittedError(f"detector {self.name!r} is not calibrated (call calibrate)")
+        return self.score_samples(features, inputs=inputs) - self.threshold_
+
+    def predict(self, features: Features, *, inputs=None) -> np.ndarray:
+        return (self.decision_function(features, inputs=inputs) > 0).astype(np.int64)
+
+    # -- to implement -------------------------------------------------------
+    def _fit(self, clean: Features, adversarial: Features | None, *, inputs=None, adversarial_inputs=None) -> None:
+        raise NotImplementedError
+
+    def _score(self, features: Features, *, inputs=None) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- persistence (arrays + JSON, no pickle) ------------------------------
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Fitted arrays and JSON-able extras; subclasses extend ``_state``."""
+        self._check_fitted()
+        arrays, extra = self._state()
+        if hasattr(self, "threshold_"):
+            extra = {**extra, "threshold_": float(self.threshold_),
+                     "calibration_size_": int(getattr(self, "calibration_size_", 0))}
+        return arrays, extra
+
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> Detector:
+        det = cls(**params)
+        det._load_state(arrays, extra)
+        det.fitted_ = True
+        if "threshold_" in extra:
+            det.threshold_ = float(extra["threshold_"])
+            det.offset_ = det.threshold_
+            det.calibration_size_ = int(extra.get("calibration_size_", 0))
+        return det
+
+    def _load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        raise NotImplementedError
