@@ -198,7 +198,7 @@ def read_idx(data: bytes, path: Path) -> np.ndarray:
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise DataError(f"{path}: truncated IDX file ({body.size} bytes for shape {dims})")
-    return body.reshape(dims)
+    return body.reshape(dims).copy()  # writable, detached from the file bytes
 
 
 def load_mnist_dataset(root: str | os.PathLike, val_fraction: float = 1 / 12, seed: int = 0,
@@ -349,7 +349,7 @@ def load_imagefolder_dataset(path: str | os.PathLike, *, name: str = "imagefolde
             cls, tr = _scan_tar(tars[0], classes)
             _, te = _scan_tar(tars[1], cls)
             xtr, ytr = _decode_many(tr, mode, image_size)
-            xte, yte = _decode_many(te, mode, xtr.shape[1] == 1 and "L" or "RGB", xtr.shape[2])
+            xte, yte = _decode_many(te, "L" if xtr.shape[1] == 1 else "RGB", xtr.shape[2])
             return cls, {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte}
         cls, a = _cached_decode(tars, build, f"tar|{image_size}|{mode}|{classes}")
         return _make(name, cls, a["xtr"], a["ytr"], a["xte"], a["yte"], val_fraction, seed, str(root))

@@ -13,6 +13,10 @@ The best checkpoint is the epoch with the highest validation accuracy among thos
 whose gate density already meets the target (all epochs for STD); ties go to the
 later epoch. ``checkpoint.safetensors`` + ``checkpoint.json`` hold everything
 ``--resume`` needs (weights, optimiser moments, RNG state, history).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs data-parallel: see
+:mod:`csgguard.distributed` for the sharding design; rank 0 alone validates and
+writes the run directory, and every rank returns rank 0's summary.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch.nn.functional as F
 from .artifacts import load_tensors, read_json, save_tensors, write_json
 from .data import Dataset, load_dataset
 from .devices import autocast, select_device
+from .distributed import (SINGLE, DistContext, all_reduce_sum, broadcast_json, convert_sync_batchnorm,
+                          distributed, replica_divergence, shard, wrap_model)
 from .errors import CsgguardError
 from .features import extract_features
 from .metrics import accuracy, mutual_information_score
@@ -42,7 +48,7 @@ from .progress import make_progress
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": dict(arch="small_cnn", epochs=30, batch_size=64, optimizer="adam", lr=2e-3, csg_lr=2e-3,
                    gate_lr=2e-2, weight_decay=0.0, warmup=3, period=3, csg_from=1, augment=False),
-    "mnist": dict(arch="small_cnn", epochs=12, batch_size=128, optimizer="adam", lr=1e-3, csg_lr=1e-3,
+    "mnist": dict(arch="small_cnn", epochs=6, batch_size=128, optimizer="adam", lr=1e-3, csg_lr=1e-3,
                   gate_lr=1e-2, weight_decay=0.0, warmup=1, period=3, csg_from=1, augment=False),
     "cifar10": dict(arch="resnet20", epochs=30, batch_size=128, optimizer="sgd", lr=0.1, csg_lr=0.1,
                     gate_lr=1e-2, weight_decay=5e-4, warmup=2, period=3, csg_from=2, augment=True),
@@ -78,6 +84,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     val_fraction: float | None = None
+    sync_bn: bool = False                 # SyncBatchNorm under torchrun (CUDA only)
 
     def resolved(self) -> TrainConfig:
         """Fill unset fields from the dataset's defaults."""
@@ -146,12 +153,15 @@ def _make_optimizer(cfg: TrainConfig, params: list[dict[str, Any]]) -> torch.opt
 class Trainer:
     """Holds the model, both optimisers and schedules; one ``run_epoch`` per epoch."""
 
-    def __init__(self, cfg: TrainConfig, ds: Dataset, device: torch.device) -> None:
-        self.cfg, self.ds, self.device = cfg, ds, device
+    def __init__(self, cfg: TrainConfig, ds: Dataset, device: torch.device, dist: DistContext = SINGLE) -> None:
+        self.cfg, self.ds, self.device, self.dist = cfg, ds, device, dist
         torch.manual_seed(cfg.seed)
         self.model = CSGNet(default_model_config(cfg, ds)).to(device)
+        if cfg.sync_bn:
+            self.model = convert_sync_batchnorm(self.model, device, dist)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_split = _stage_split(ds.train, device)
         gate_params = [] if self.model.gate is None else [self.model.gate.weight]
         net_params = [p for n, p in self.model.named_parameters() if not n.startswith("gate.")]
         decay = [p for p in net_params if p.dim() > 1]
@@ -170,6 +180,9 @@ class Trainer:
         milestones = sorted({max(1, int(round(f * cfg.epochs))) for f in cfg.milestones})
         self.milestones = milestones
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        # what the training steps call: the model itself, or its DDP wrapper under torchrun
+        # (a gated model's STD epochs leave the gate out of the graph: DDP must know)
+        self.net = wrap_model(self.model, device, dist, find_unused=self.model.gate is not None)
 
     # ------------------------------------------------------------------ schedule
     def lr_factor(self, epoch: int) -> float:
@@ -189,7 +202,7 @@ class Trainer:
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         """Random crop with 4-pixel zero padding + horizontal flip (the CIFAR recipe)."""
         n, _, h, w = x.shape
-        flip = torch.rand(n, generator=self.generator) < 0.5
+        flip = (torch.rand(n, generator=self.generator) < 0.5).to(x.device, non_blocking=True)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         padded = F.pad(x, (4, 4, 4, 4))
         dx, dy = torch.randint(0, 9, (2,), generator=self.generator).tolist()
@@ -202,46 +215,82 @@ class Trainer:
         model.train()
         total, correct, loss_sum = 0, 0, 0.0
         t0 = time.perf_counter()
-        for x, y in self.ds.train.batches(cfg.batch_size, shuffle=True, generator=self.generator):
-            if cfg.augment:
-                x = self._augment(x)
+        for x, y, scale, n_global in self._batches():
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss, logits = self.step(path, x, y)
+            loss, logits = self.step(path, x, y, scale=scale)
             loss_sum += float(loss) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
             if progress is not None:
-                progress.advance(task, len(y))
+                progress.advance(task, n_global)
+        if self.dist.enabled:  # epoch figures over the whole (global) epoch, the same on every rank
+            loss_sum, correct, total = all_reduce_sum([loss_sum, correct, total], self.device, self.dist)
         seconds = time.perf_counter() - t0
         return {"epoch": epoch + 1, "path": path, "train_loss": loss_sum / max(total, 1),
                 "train_accuracy": correct / max(total, 1), "lr_factor": self.lr_factor(epoch),
                 "seconds": seconds}
 
-    def step(self, path: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg, model = self.cfg, self.model
+    def _batches(self):
+        """(x, y, loss scale, global batch size) for this process, one epoch.
+
+        Single-process: the shuffled batches of the train split. Under torchrun every
+        rank draws the same order and augmentation from the shared generator, cuts the
+        same global batches and keeps its slice; the loss scale makes the DDP-averaged
+        gradient that of the global-batch mean. A last global batch with fewer images
+        than ranks is skipped on every rank (after drawing its augmentation, so the
+        generator stays in step with a single-process run).
+        """
+        cfg, split = self.cfg, self.train_split
+        if not self.dist.enabled:
+            for x, y in split.batches(cfg.batch_size, shuffle=True, generator=self.generator):
+                yield (self._augment(x) if cfg.augment else x), y, 1.0, len(y)
+            return
+        world = self.dist.world_size
+        order = torch.randperm(len(split), generator=self.generator)
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            mine = shard(idx, self.dist)
+            if cfg.augment:  # the global batch's augmentation, then this rank's rows of it
+                x, y = next(split.batches(len(idx), positions=idx))
+                x, y = self._augment(x)[mine], y[mine]
+            elif len(idx) >= world:
+                x, y = next(split.batches(len(idx[mine]), positions=idx[mine]))
+            if len(idx) < world:
+                continue
+            yield x, y, len(y) * world / len(idx), len(idx)
+
+    def step(self, path: str, x: torch.Tensor, y: torch.Tensor, *, scale: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on the ``path`` ("std", "csg", "joint"); returns (loss, logits).
+
+        ``scale`` multiplies the loss that is back-propagated (not the one returned):
+        under DDP it turns the average over ranks into the global-batch mean.
+        """
+        cfg, model, net = self.cfg, self.model, self.net
         with autocast(self.device, cfg.amp):
             if path == "std":
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits.float(), y)
             else:
-                std_logits, csg_logits = model.forward_both(x, y)
+                std_logits, csg_logits = net(x, y)
                 loss = F.cross_entropy(csg_logits.float(), y)
                 if path == "joint":
                     loss = F.cross_entropy(std_logits.float(), y) + cfg.joint_weight * loss
                 loss = loss + cfg.lam * model.gate.penalty(cfg.density)
                 logits = csg_logits if path == "csg" else std_logits
+        grad_loss = loss if scale == 1.0 else loss * scale
         if path == "std":
             self.opt_std.zero_grad(set_to_none=True)
-            loss.backward()
+            grad_loss.backward()
             self.opt_std.step()
         else:
             opt = self.opt_std if path == "joint" else self.opt_csg
             opt.zero_grad(set_to_none=True)
             self.opt_gate.zero_grad(set_to_none=True)
-            loss.backward()
+            grad_loss.backward()
             opt.step()
             self.opt_gate.step()
             model.gate.normalize_()
@@ -290,6 +339,23 @@ class Trainer:
             opt.load_state_dict(sd)
         self.generator.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
+
+
+def _stage_split(split, device: torch.device):
+    """On CUDA, keep the uint8 train images where batches are cut: on the GPU when they fit
+    in a small budget (no per-batch host copy at all), else in pinned host memory so the
+    per-batch copies are asynchronous. On CPU the split is used as it is."""
+    if device.type != "cuda":
+        return split
+    from .data import Split
+
+    nbytes = split.images.element_size() * split.images.nelement()
+    if nbytes <= GPU_STAGE_BYTES:
+        return Split(split.name, split.images.to(device), split.labels.to(device), split.indices)
+    return Split(split.name, split.images.pin_memory(), split.labels.pin_memory(), split.indices)
+
+
+GPU_STAGE_BYTES = 2 << 30
 
 
 def _select_best(history: list[dict[str, Any]], gated: bool, target: float) -> int | None:

@@ -82,7 +82,14 @@ class CSGNet(nn.Module):
         a = self.pooled(x)
         return ModelOutput(self.fc(a), a)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        """Logits for ``x``; with labels ``y``, (STD logits, CSG logits) as :meth:`forward_both`.
+
+        The two-argument form exists so a DistributedDataParallel wrapper sees the
+        CSG path go through ``forward`` (DDP only syncs gradients of calls it wraps).
+        """
+        if y is not None:
+            return self.forward_both(x, y)
         return self.fc(self.pooled(x))
 
     def forward_both(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,131 @@
+"""``csgguard fit`` as one Python call: features -> fit -> calibrate -> save.
+
+Split policy (the evaluation protocol of method.md section 4, applied here):
+
+* **train split** -- the clean statistics are fitted on the model's training images
+  that it classifies correctly (optionally the first ``limit`` of them). A supervised
+  detector's adversarial examples are generated (``csgguard.attacks.run``) from those
+  same training images, so nothing it learns comes from held-out data.
+* **val split** -- held out, never seen by the fit: the threshold is chosen there, on
+  the clean images the model classifies correctly, for the target false-positive rate.
+* **test split** -- never touched by ``fit``: it belongs to ``csgguard evaluate``.
+
+The detector is saved into the run directory (``detector.safetensors`` +
+``detector.json``) with the model hash, so it is refused by any other model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import Split, load_dataset
+from .devices import select_device
+from .errors import CsgguardError
+from .features import Features, extract_features
+from .models.store import LoadedModel, load_model
+
+
+@dataclass
+class FitResult:
+    detector: Any
+    path: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _clean_features(loaded: LoadedModel, split: Split, batch_size: int, device) -> tuple[Features, np.ndarray]:
+    """Features of the correctly classified images of ``split`` and their positions in it."""
+    feats = extract_features(loaded.model, split.x(), batch_size=batch_size, device=device)
+    keep = np.flatnonzero(feats.pred == split.labels.numpy())
+    return feats.subset(keep), keep
+
+
+def _adversarial_features(loaded: LoadedModel, split: Split, attacks: Sequence[str], eps: float | None,
+                          batch_size: int, seed: int, device, progress, dataset: str
+                          ) -> tuple[Features, dict[str, dict[str, Any]]]:
+    try:
+        from .attacks import run as run_attack
+    except ImportError:
+        raise CsgguardError("the attacks API (csgguard.attacks.run) is not available in this install") from None
+    parts, counts = [], {}
+    for i, method in enumerate(attacks):
+        kwargs: dict[str, Any] = {"eps": eps, "batch_size": batch_size, "seed": seed + i, "device": device}
+        for key, value in (("progress", progress), ("dataset", dataset), ("model_sha256", loaded.sha256)):
+            kwargs[key] = value
+        try:
+            adv = run_attack(loaded.model, split.x(), split.labels, method, **kwargs)
+        except TypeError:  # an attacks API without the optional keywords
+            adv = run_attack(loaded.model, split.x(), split.labels, method, eps=eps, batch_size=batch_size,
+                             seed=seed + i, device=device)
+        ok = adv.successful()
+        x_adv = torch.as_tensor(np.asarray(ok.x_adv, dtype=np.float32))
+        counts[method] = {"attacked": int(np.sum(getattr(adv, "attacked", np.ones(len(adv.y), bool)))),
+                          "successful": int(len(x_adv)), "eps": (adv.meta or {}).get("eps", eps)}
+        if len(x_adv):
+            parts.append(extract_features(loaded.model, x_adv, batch_size=batch_size, device=device))
+    if not parts:
+        raise CsgguardError(f"no successful adversarial examples from {', '.join(attacks)}: cannot fit a "
+                            "supervised detector (raise --eps)")
+    return Features.concat(parts), counts
+
+
+def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-clean",
+                 attacks: Sequence[str] = ("pgd", "fgsm"), eps: float | None = None, fpr: float = 0.05,
+                 limit: int | None = None, params: dict[str, Any] | None = None, device: str = "auto",
+                 data_root: str | None = None, out: str | Path | None = None, batch_size: int = 256,
+                 seed: int = 0, progress: bool | None = None, log: Callable[[str], None] | None = None
+                 ) -> FitResult:
+    """Fit, calibrate and save a detector for the model in ``run_dir`` (see the module's split policy)."""
+    from .detectors import detector_class
+    from .detectors.store import save_detector
+
+    if not 0.0 < fpr < 1.0:
+        raise CsgguardError(f"--fpr must be between 0 and 1, got {fpr}")
+    if limit is not None and limit < 1:
+        raise CsgguardError(f"--limit must be >= 1, got {limit}")
+    log = log or (lambda _msg: None)
+    start = time.perf_counter()
+    dev = select_device(device)
+    loaded = load_model(run_dir, dev)
+    cls = detector_class(detector)
+    if cls.needs_inputs:
+        raise CsgguardError(f"detector {detector!r} needs raw inputs; fit it through `csgguard evaluate`")
+    ds_info = loaded.manifest.get("dataset") or {}
+    data_name = ds_info.get("name") or loaded.manifest.get("training", {}).get("data") or "digits"
+    data_root = data_root or loaded.manifest.get("training", {}).get("data_root")
+    ds = load_dataset(data_name, data_root, seed=int(ds_info.get("split_seed", 0)))
+    train = ds.train if limit is None else ds.train.subset(np.arange(min(limit, len(ds.train))))
+
+    clean, keep = _clean_features(loaded, train, batch_size, dev)
+    log(f"fit: {len(clean)} clean {data_name} train images (correctly classified of {len(train)})")
+    adversarial, counts = None, {}
+    if cls.supervised:
+        attacks = [a.strip() for a in attacks if a.strip()]
+        if not attacks:
+            raise CsgguardError(f"detector {detector!r} is supervised: give --attacks (e.g. pgd,fgsm)")
+        adversarial, counts = _adversarial_features(loaded, train.subset(keep), attacks, eps, batch_size, seed,
+                                                    dev, progress, data_name)
+        log(f"fit: {len(adversarial)} successful adversarial train images ({', '.join(attacks)})")
+    det = cls(**{**(params or {}), "fpr": fpr})
+    det.fit(clean, adversarial)
+
+    calib, _ = _clean_features(loaded, ds.val, batch_size, dev)
+    det.calibrate(calib)
+    realised = float(np.mean(det.score_samples(calib) > det.threshold_))
+    fitted_on = {"dataset": data_name, "fit_split": "train", "calibration_split": "val",
+                 "clean": int(len(clean)), "train_images": int(len(train)), "limit": limit,
+                 "adversarial": int(len(adversarial)) if adversarial is not None else 0,
+                 "attacks": counts, "calibration": int(len(calib))}
+    path = save_detector(det, out if out is not None else loaded.run_dir, model_sha256=loaded.sha256,
+                         extra_meta={"fitted_on": fitted_on, "realised_fpr_calibration": realised})
+    summary = {"detector": detector, "path": str(path), "threshold": float(det.threshold_), "fpr": fpr,
+               "realised_fpr_val": realised, "clean_fit": len(clean),
+               "adversarial_fit": fitted_on["adversarial"], "calibration": len(calib),
+               "attacks": ",".join(counts) if counts else None, "seconds": round(time.perf_counter() - start, 3)}
+    return FitResult(det, path, summary)

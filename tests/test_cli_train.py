@@ -1,0 +1,74 @@
+"""`csgguard train` / `inspect` from the command line, including bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from csgguard.cli import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def _one_line_error(result):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [x for x in result.output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def test_train_and_inspect_json(runner, tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(main, ["train", "--out", str(out), "--epochs", "3", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    for key in ("test_accuracy", "gate_density", "mis", "epochs", "seconds"):
+        assert key in summary
+    r = runner.invoke(main, ["inspect", "--run", str(out), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert set(report["filters_per_class"]) == {str(i) for i in range(10)}
+    assert (out / "gate_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--data", "svhn"], "unknown dataset 'svhn'"),
+    (["train", "--data", "mnist", "--data-root", "/nonexistent/mnist"], "/nonexistent/mnist"),
+    (["train", "--device", "cuda"], "CUDA is not available"),
+    (["inspect", "--run", "/nonexistent/run"], "run directory not found"),
+])
+def test_bad_input_is_one_clear_line(runner, args, needle, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = _one_line_error(runner.invoke(main, args))
+    assert needle in line
+
+
+def test_failed_train_overwrites_nothing(runner, digits_csg_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(digits_csg_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    _one_line_error(runner.invoke(main, ["train", "--data", "nope", "--out", str(run)]))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_inspect_refuses_tampered_weights(runner, digits_csg_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(digits_csg_run, run)
+    (run / "model.safetensors").write_bytes(b"junk")
+    assert "does not match" in _one_line_error(runner.invoke(main, ["inspect", "--run", str(run)]))
+
+
+def test_help_teaches(runner):
+    r = runner.invoke(main, ["--help"])
+    assert r.exit_code == 0 and "Exit codes" in r.output
+    r = runner.invoke(main, ["train", "--help"])
+    assert "--no-gate" in r.output and "Examples" in r.output

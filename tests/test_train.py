@@ -1,0 +1,99 @@
+"""Training: accuracy, gate density, MIS, checkpoints, resume, and the run directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from csgguard import TrainConfig, load_model, train
+from csgguard.errors import CsgguardError
+from csgguard.train import Trainer, epoch_path
+
+
+def test_csg_digits_run_reaches_accuracy_and_density(digits_csg_run):
+    summary = json.loads((digits_csg_run / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.95
+    assert summary["gate_density"] < 0.2
+    assert summary["mis"] is not None and summary["epochs"] == 20
+    loaded = load_model(digits_csg_run)
+    assert loaded.model.has_gate
+    g = loaded.model.gate.weight.detach()
+    assert torch.allclose(g.amax(1), torch.ones(g.shape[0]))  # every filter open for >= 1 class
+    lines = (digits_csg_run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 20 and {"csg", "std"} <= {json.loads(x)["path"] for x in lines}
+
+
+def test_std_twin_has_no_gate_and_csg_filters_are_more_class_specific(digits_csg_run, digits_std_run):
+    csg = json.loads((digits_csg_run / "summary.json").read_text())
+    std = json.loads((digits_std_run / "summary.json").read_text())
+    assert std["mis"] is None and std["gate_density"] is None
+    assert std["test_accuracy"] >= 0.95
+    assert csg["activation_mis"] > std["activation_mis"]
+    assert not load_model(digits_std_run).model.has_gate
+
+
+def test_schedule_alternates_after_warmup():
+    cfg = TrainConfig(data="digits", warmup=2, period=3, csg_from=2).resolved()
+    paths = [epoch_path(cfg, e) for e in range(9)]
+    assert paths == ["std", "std", "csg", "std", "std", "csg", "std", "std", "csg"]
+    cfg_std = TrainConfig(data="digits", gate=False).resolved()
+    assert {epoch_path(cfg_std, e) for e in range(9)} == {"std"}
+
+
+def test_csg_step_keeps_gate_normalised():
+    from csgguard import load_dataset
+
+    cfg = TrainConfig(data="digits").resolved()
+    tr = Trainer(cfg, load_dataset("digits"), torch.device("cpu"))
+    x, y = next(tr.ds.train.batches(32))
+    tr.step("csg", x, y)
+    g = tr.model.gate.weight.detach()
+    assert float(g.min()) >= 0 and float(g.max()) <= 1
+    assert torch.allclose(g.amax(1), torch.ones(g.shape[0]))
+
+
+def test_seeded_runs_are_reproducible(tmp_path):
+    a = train(TrainConfig(data="digits", epochs=3, seed=3), tmp_path / "a", progress=False)
+    b = train(TrainConfig(data="digits", epochs=3, seed=3), tmp_path / "b", progress=False)
+    assert a.summary["test_accuracy"] == b.summary["test_accuracy"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
+    cfg = dict(data="digits", epochs=5, seed=1)
+    full = train(TrainConfig(**cfg), tmp_path / "full", progress=False)
+
+    original = Trainer.run_epoch
+
+    def interrupting(self, epoch, *a, **k):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return original(self, epoch, *a, **k)
+
+    monkeypatch.setattr(Trainer, "run_epoch", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**cfg), tmp_path / "part", progress=False)
+    assert not (tmp_path / "part" / "model.json").exists()  # no half-finished model
+    assert (tmp_path / "part" / "checkpoint.json").exists()
+    monkeypatch.setattr(Trainer, "run_epoch", original)
+    resumed = train(TrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)
+    assert len(resumed.history) == 5
+    assert resumed.summary["test_accuracy"] == full.summary["test_accuracy"]
+    sa = load_model(tmp_path / "full").model.state_dict()
+    sb = load_model(tmp_path / "part").model.state_dict()
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+    assert not (tmp_path / "part" / "checkpoint.json").exists()
+
+
+def test_resume_with_other_settings_or_nothing_to_resume(tmp_path):
+    with pytest.raises(CsgguardError, match="nothing to resume"):
+        train(TrainConfig(data="digits", epochs=2), tmp_path / "none", resume=True, progress=False)
+
+
+def test_bad_config_values():
+    with pytest.raises(CsgguardError, match="--epochs"):
+        TrainConfig(epochs=0).validate()
+    with pytest.raises(CsgguardError, match="--density"):
+        TrainConfig(density=0).validate()
