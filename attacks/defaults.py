@@ -66,9 +66,7 @@ def check_eps(eps: float, norm: str, shape: tuple[int, ...] | None = None) -> fl
 
 def perturbation_norms(x: np.ndarray, x_adv: np.ndarray) -> dict[str, np.ndarray]:
     """Per-sample L2 and Linf norms of ``x_adv - x`` (float64, so the sums are exact enough)."""
-    d = (x_adv.astype(np.float64) - x.astype(np.float64)).reshape(len(x), -1)
-    if d.shape[1] == 0:
-        d = np.zeros((len(x), 1))
+    d = (x_adv.astype(np.float64) - x.astype(np.float64)).reshape(len(x), int(np.prod(x.shape[1:])))
     return {"l2": np.sqrt((d * d).sum(axis=1)), "linf": np.abs(d).max(axis=1)}
 
 

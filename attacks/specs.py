@@ -115,8 +115,9 @@ class PGD(_Iterative):
 
 
 CW_PRESETS: dict[str, dict[str, Any]] = {
-    # a few large-constant searches with a big Adam step: seconds for hundreds of small images
-    "fast": dict(binary_search_steps=4, steps=100, stepsize=0.05, initial_const=1.0),
+    # three short searches from a large constant with a big Adam step: 75 gradient steps at most,
+    # seconds for hundreds of small images; perturbations ~30% larger than the thorough preset's
+    "fast": dict(binary_search_steps=3, steps=25, stepsize=0.1, initial_const=1.0),
     # close to the paper's setting, a tenth of foolbox's 9 x 10000 steps (abort_early stops most sooner)
     "thorough": dict(binary_search_steps=9, steps=1000, stepsize=0.01, initial_const=1e-2),
 }

@@ -23,6 +23,8 @@ from safetensors.torch import save as st_save
 from .errors import ArtifactError
 
 DEFAULT_RUN = Path("runs/default")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -43,6 +45,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -26,8 +26,10 @@ Design (why the result matches a single-process run):
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -139,9 +141,21 @@ def distributed(device: torch.device) -> Iterator[tuple[DistContext, torch.devic
         return
     try:
         yield ctx, device
-    finally:
-        if made:
+    except BaseException:
+        if made:  # no closing barrier: the other ranks may never reach it
+            _release()
             dist.destroy_process_group()
+        raise
+    _release()
+    if made:  # every rank is done with every collective before the group goes
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _release() -> None:
+    """Free DDP wrappers now: a reducer left for interpreter shutdown keeps the group's
+    worker threads alive there, and Gloo then aborts the process ("terminate called")."""
+    gc.collect()
 
 
 def shard(indices: torch.Tensor, ctx: DistContext) -> slice:
@@ -204,6 +218,9 @@ def wrap_model(model: torch.nn.Module, device: torch.device, ctx: DistContext, *
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
+    if device.type == "cpu":
+        # a conv with one input channel gets (equivalent) odd grad strides on CPU: harmless, noisy
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 

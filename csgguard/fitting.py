@@ -16,6 +16,7 @@ The detector is saved into the run directory (``detector.safetensors`` +
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,13 +57,11 @@ def _adversarial_features(loaded: LoadedModel, split: Split, attacks: Sequence[s
     parts, counts = [], {}
     for i, method in enumerate(attacks):
         kwargs: dict[str, Any] = {"eps": eps, "batch_size": batch_size, "seed": seed + i, "device": device}
-        for key, value in (("progress", progress), ("dataset", dataset), ("model_sha256", loaded.sha256)):
-            kwargs[key] = value
-        try:
-            adv = run_attack(loaded.model, split.x(), split.labels, method, **kwargs)
-        except TypeError:  # an attacks API without the optional keywords
-            adv = run_attack(loaded.model, split.x(), split.labels, method, eps=eps, batch_size=batch_size,
-                             seed=seed + i, device=device)
+        accepted = inspect.signature(run_attack).parameters
+        for key, value in (("progress", progress), ("dataset", dataset)):
+            if key in accepted:
+                kwargs[key] = value
+        adv = run_attack(loaded, split.x(), split.labels, method, **kwargs)
         ok = adv.successful()
         x_adv = torch.as_tensor(np.asarray(ok.x_adv, dtype=np.float32))
         counts[method] = {"attacked": int(np.sum(getattr(adv, "attacked", np.ones(len(adv.y), bool)))),

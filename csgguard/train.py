@@ -21,21 +21,33 @@ writes the run directory, and every rank returns rank 0's summary.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .artifacts import load_tensors, read_json, save_tensors, write_json
 from .data import Dataset, load_dataset
 from .devices import autocast, select_device
-from .distributed import (SINGLE, DistContext, all_reduce_sum, broadcast_json, convert_sync_batchnorm,
-                          distributed, replica_divergence, shard, wrap_model)
+from .distributed import (
+    SINGLE,
+    DistContext,
+    all_reduce_sum,
+    broadcast_json,
+    convert_sync_batchnorm,
+    distributed,
+    replica_divergence,
+    shard,
+    wrap_model,
+)
 from .errors import CsgguardError
 from .features import extract_features
 from .metrics import accuracy, mutual_information_score
@@ -85,6 +97,7 @@ class TrainConfig:
     amp: bool = True
     val_fraction: float | None = None
     sync_bn: bool = False                 # SyncBatchNorm under torchrun (CUDA only)
+    train_limit: int | None = None        # train on the first N training images only (smoke runs, benchmarks)
 
     def resolved(self) -> TrainConfig:
         """Fill unset fields from the dataset's defaults."""
@@ -109,6 +122,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs is not None and self.epochs < 1:
             raise CsgguardError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise CsgguardError(f"train_limit must be >= 1, got {self.train_limit}")
         if self.batch_size is not None and self.batch_size < 1:
             raise CsgguardError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.optimizer not in (None, "adam", "sgd"):
@@ -372,21 +387,45 @@ def train(cfg: TrainConfig, out: str | Path = "runs/default", *, resume: bool = 
 
     The summary holds ``test_accuracy``, ``gate_density``, ``mis`` (None for STD),
     ``epochs`` and ``seconds`` (plus validation figures and the best epoch).
+    Under ``torchrun`` it trains data-parallel (:mod:`csgguard.distributed`); only
+    rank 0 writes ``out`` and every rank returns rank 0's summary and history.
     """
     cfg.validate()
     cfg = cfg.resolved()
     cfg.validate()
-    out = Path(out)
     device = select_device(cfg.device)
+    with distributed(device) as (ctx, device), _cudnn_benchmark(device):
+        return _train(cfg, Path(out), device, ctx, resume=resume, progress=progress, log=log)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(device: torch.device):
+    """Let cuDNN pick the fastest kernels: image sizes are fixed for a whole run."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, *, resume: bool,
+           progress: bool | None, log) -> TrainResult:
+    main = ctx.is_main
     ds = load_dataset(cfg.data, cfg.data_root, seed=0, val_fraction=cfg.val_fraction)
+    if cfg.train_limit is not None and cfg.train_limit < len(ds.train):
+        ds = dataclasses.replace(ds, train=ds.train.subset(np.arange(cfg.train_limit)))
     if cfg.arch is None:
         cfg.arch = "small_cnn"
-    trainer = Trainer(cfg, ds, device)
+    trainer = Trainer(cfg, ds, device, ctx)
     history: list[dict[str, Any]] = []
     start_epoch, best_state, best_epoch = 0, None, None
     elapsed_before = 0.0
     ckpt_json, ckpt_st = out / "checkpoint.json", out / "checkpoint.safetensors"
-    if resume:
+    if resume:  # every rank reads the checkpoint (several nodes: --out on a shared filesystem)
         if not ckpt_json.is_file():
             raise CsgguardError(f"{out}: nothing to resume (no checkpoint.json); drop --resume to start afresh")
         meta = read_json(ckpt_json, "checkpoint manifest")
@@ -406,14 +445,23 @@ def train(cfg: TrainConfig, out: str | Path = "runs/default", *, resume: bool = 
         elapsed_before = float(meta.get("seconds", 0.0))
     elif (out / "model.json").exists() or ckpt_json.exists():
         pass  # a finished or interrupted run is replaced only at the end, atomically
-    say = log or (lambda _m: None)
+    say = (log or (lambda _m: None)) if main else (lambda _m: None)
+    where = f"{device}" if not ctx.enabled else f"{ctx.world_size} processes ({ctx.backend}, rank 0 on {device})"
     say(f"training {'CSG' if cfg.gate else 'STD'} {cfg.arch} on {ds.name} "
-        f"({len(ds.train)} train / {len(ds.val)} val / {len(ds.test)} test) on {device}")
+        f"({len(ds.train)} train / {len(ds.val)} val / {len(ds.test)} test) on {where}")
     t_start = time.perf_counter()
-    with make_progress(progress) as bar:
+    with make_progress(progress if main else False) as bar:
         task = bar.add_task("train", total=(cfg.epochs - start_epoch) * len(ds.train), info="")
         for epoch in range(start_epoch, cfg.epochs):
             row = trainer.run_epoch(epoch, bar, task)
+            if ctx.enabled:  # the replicas must hold the same weights (and so the same G)
+                row["world_size"] = ctx.world_size
+                row["replica_max_diff"] = replica_divergence(list(trainer.model.parameters()), ctx)
+                if row["replica_max_diff"] > 0.0:
+                    raise CsgguardError(f"epoch {epoch + 1}: model replicas diverged across ranks "
+                                        f"(max |difference| {row['replica_max_diff']:.3g}); this is a bug")
+            if not main:
+                continue  # rank 0 alone validates, keeps the best state and writes checkpoints
             val, _, _ = trainer.evaluate("val")
             row["val_accuracy"] = val["accuracy"]
             if "gate_density" in val:
@@ -430,6 +478,18 @@ def train(cfg: TrainConfig, out: str | Path = "runs/default", *, resume: bool = 
             _write_checkpoint(out, trainer, cfg, history, best_state, best_epoch,
                               elapsed_before + time.perf_counter() - t_start)
     seconds = elapsed_before + time.perf_counter() - t_start
+    summary: dict[str, Any] = {}
+    if main:
+        summary = _finish(cfg, out, trainer, ds, device, ctx, history, best_state, best_epoch, seconds, say)
+    if ctx.enabled:  # doubles as the closing barrier: no rank returns before the run directory exists
+        shared = broadcast_json({"summary": summary, "history": history}, device, ctx)
+        summary, history = shared["summary"], shared["history"]
+    return TrainResult(out, summary, history)
+
+
+def _finish(cfg: TrainConfig, out: Path, trainer: Trainer, ds: Dataset, device: torch.device, ctx: DistContext,
+            history, best_state, best_epoch, seconds: float, say) -> dict[str, Any]:
+    """Test the best epoch's weights and write the run directory (rank 0)."""
     if best_state is None:  # no epoch met the density target: keep the last one, say so
         best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         best_epoch = cfg.epochs
@@ -450,6 +510,8 @@ def train(cfg: TrainConfig, out: str | Path = "runs/default", *, resume: bool = 
         "device": str(device),
         "gated": cfg.gate,
     }
+    if ctx.enabled:
+        summary["world_size"] = ctx.world_size
     dataset_info = {"name": ds.name, "source": ds.source, "split_seed": 0,
                     "sizes": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test)}}
     save_model(trainer.model.cpu(), out, classes=ds.classes, dataset=dataset_info,
@@ -458,9 +520,9 @@ def train(cfg: TrainConfig, out: str | Path = "runs/default", *, resume: bool = 
 
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     write_json(out / "summary.json", summary)
-    for p in (ckpt_json, ckpt_st):
+    for p in (out / "checkpoint.json", out / "checkpoint.safetensors"):
         p.unlink(missing_ok=True)
-    return TrainResult(out, summary, history)
+    return summary
 
 
 def _write_checkpoint(out: Path, trainer: Trainer, cfg: TrainConfig, history, best_state, best_epoch,

@@ -62,7 +62,7 @@ def _shrunk_precision(residuals: np.ndarray) -> np.ndarray:
 
 
 def _quad(r: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    return np.einsum("nk,kl,nl->n", r, precision, r)
+    return ((r @ precision) * r).sum(1)
 
 
 class _GateStatistics:

@@ -77,7 +77,7 @@ class MahalanobisDetector(Detector):
         for j, mu in enumerate(self.means_):
             if np.isfinite(mu).all():
                 d = f - mu
-                out[:, j] = np.einsum("nk,kl,nl->n", d, self.precision_, d)
+                out[:, j] = ((d @ self.precision_) * d).sum(1)
         return out
 
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifacts import library_versions, load_tensors, read_json, save_tensors, to_jsonable, write_json
+from ..artifacts import (
+    library_versions,
+    load_tensors,
+    read_json,
+    save_tensors,
+    to_jsonable,
+    write_json,
+)
 from ..errors import ArtifactError, CsgguardError
 from .base import Detector
 

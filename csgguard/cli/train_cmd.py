@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..data import DATASET_NAMES
+from ..distributed import is_main_process
 from ..progress import log
 from ..train import TrainConfig, train
 from . import main
@@ -46,12 +47,14 @@ def data_options(f):
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
+@click.option("--sync-bn", is_flag=True, help="Under torchrun: BatchNorm statistics over the global batch "
+                                              "(SyncBatchNorm, CUDA only).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its checkpoint.")
 @format_option()
 @progress_option
 def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, optimizer, lr, csg_lr, gate_lr,
                   weight_decay, schedule, warmup, period, csg_from, density, lam, augment, seed, device, amp,
-                  resume, fmt, progress):
+                  sync_bn, resume, fmt, progress):
     """Train a CNN with a Class-Specific Gate (or the STD baseline with --no-gate).
 
     \b
@@ -60,6 +63,8 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
       csgguard train --no-gate --out runs/std          # the STD twin
       csgguard train --data mnist --data-root ~/data/mnist --out runs/mnist
       csgguard train --out runs/mnist --resume         # after an interruption
+      torchrun --nproc_per_node 4 -m csgguard train --data cifar10 --data-root DIR --out runs/c10
+                                                       # data-parallel on 4 GPUs (rank 0 writes --out)
 
     Prints the summary (test_accuracy, gate_density, mis, epochs, seconds).
     """
@@ -67,7 +72,9 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
                       batch_size=batch_size, optimizer=optimizer, lr=lr, csg_lr=csg_lr, gate_lr=gate_lr,
                       weight_decay=weight_decay, schedule=schedule, warmup=warmup, period=period,
                       csg_from=csg_from, density=density, lam=lam, augment=augment, seed=seed, device=device,
-                      amp=amp)
+                      amp=amp, sync_bn=sync_bn)
     result = train(cfg, out, resume=resume, progress=progress, log=log)
+    if not is_main_process():  # under torchrun only rank 0 reports (and wrote the run directory)
+        return
     log(f"wrote {result.run_dir}/model.safetensors and model.json")
     emit_mapping({"run": str(result.run_dir), **result.summary}, fmt, title="training summary")

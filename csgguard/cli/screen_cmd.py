@@ -1,0 +1,91 @@
+"""``csgguard screen``: score and flag image files, one row each, streamed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+
+import click
+
+from ..artifacts import to_jsonable
+from ..images import parse_shard
+from ..progress import log
+from ..screening import ROW_FIELDS, screen
+from . import main
+from .common import EXIT_FLAGGED, device_option, emit_rows, progress_option, run_option
+
+
+def _stream(rows, fmt: str) -> None:
+    """jsonl / csv rows are written as they come: constant memory for any folder size."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n")
+        w.writeheader()
+        click.echo(buf.getvalue(), nl=False)
+    for r in rows:
+        if fmt == "jsonl":
+            click.echo(json.dumps(to_jsonable(r)))
+        else:
+            buf = io.StringIO()
+            csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n").writerow(
+                {k: ("" if r.get(k) is None else r[k]) for k in ROW_FIELDS})
+            click.echo(buf.getvalue(), nl=False)
+
+
+@main.command("screen")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@run_option
+@click.option("--detector", "detector_path", type=click.Path(), default=None,
+              help="Detector file (.json beside its .safetensors); default RUN/detector.json.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "jsonl", "csv"]), default="table",
+              show_default=True, help="Output on stdout; jsonl and csv stream row by row.")
+@click.option("--threshold", type=float, default=None,
+              help="Flag when score > X (default: the detector's calibrated threshold).")
+@click.option("--recursive", "-r", is_flag=True, help="Descend into sub-folders.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Decode worker processes (one thread each); 0 decodes in the main process.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Screen only block I (0-based) of N of the sorted file list; the shards' JSONL outputs "
+                   "concatenated in order equal one unsharded run.")
+@click.option("--fail-on-flag", is_flag=True, help="Exit 1 when any image is flagged (for pipelines).")
+@device_option
+@progress_option
+def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, batch_size, workers, shard,
+                   fail_on_flag, device, progress):
+    """Score image files and flag likely adversarial ones.
+
+    \b
+    Every file (PNG, JPEG, BMP, TIFF, WebP, GIF, PPM/PGM; grey or colour; any size)
+    is converted to the model's input as model.json says (the `converted` column
+    notes it) and gets one row: path, predicted_class, confidence, score, flagged,
+    error. Unreadable files get an error row and the run goes on. Summary on stderr.
+
+    \b
+    Examples:
+      csgguard screen images/                         # table
+      csgguard screen -r images/ --format jsonl --workers 2 --batch-size 256
+      csgguard screen images/ --shard 0/4 --format jsonl > part0.jsonl
+      csgguard screen upload.png --fail-on-flag       # exit 1 if flagged
+
+    Exit status: 0 ran; 1 with --fail-on-flag and something flagged; 2 usage error.
+    """
+    screener, rows = screen(paths, run_dir, detector=detector_path, threshold=threshold, recursive=recursive,
+                            batch_size=batch_size, workers=workers, shard=parse_shard(shard), device=device,
+                            progress=progress)
+    try:
+        if fmt in ("jsonl", "csv"):
+            _stream(rows, fmt)
+        else:
+            emit_rows(rows, ROW_FIELDS, fmt, title="screen")
+    except BrokenPipeError:  # `csgguard screen ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    s = screener.summary
+    log(f"screened {s['images']} images: {s['flagged']} flagged, {s['errors']} errors, {s['converted']} converted "
+        f"(threshold {s['threshold']:.4g}{', shard ' + s['shard'] if s.get('shard') else ''})")
+    if fail_on_flag and s["flagged"]:
+        sys.exit(EXIT_FLAGGED)

@@ -1,0 +1,213 @@
+"""Reading arbitrary image files safely for ``csgguard screen``.
+
+Anything can sit in a folder that is screened: empty files, truncated PNGs, text
+named ``.jpg``, decompression bombs, 16-bit or CMYK images, unreadable files,
+broken symlinks, names that are not UTF-8. Each file becomes exactly one result,
+either a [0, 1] tensor in the model's input format (with a note when it had to be
+converted) or a one-line error; one bad file never stops the run.
+
+File order is deterministic (sorted by the raw bytes of the path), so ``--shard I/N``
+can split a listing into contiguous blocks whose concatenation is the whole run.
+Decoding runs in :class:`torch.utils.data.DataLoader` workers, one thread each,
+with bounded prefetch: memory stays constant however large the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CsgguardError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model takes: from model.json's ``input`` section."""
+
+    channels: int
+    height: int
+    width: int
+    resize: str = "bilinear"
+
+    @property
+    def mode(self) -> str:
+        return "L" if self.channels == 1 else "RGB"
+
+    @classmethod
+    def from_manifest(cls, spec: dict[str, Any]) -> InputSpec:
+        try:
+            return cls(int(spec["channels"]), int(spec["height"]), int(spec["width"]),
+                       str(spec.get("resize", "bilinear")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CsgguardError(f"model.json 'input' section is incomplete ({exc})") from None
+
+
+def printable_path(path: str | bytes | os.PathLike) -> str:
+    """A path as printable text: bytes that are not UTF-8 become ``\\xNN`` escapes (never a crash)."""
+    raw = os.fsencode(path)
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _sort_key(path: str) -> bytes:
+    return os.fsencode(path)
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def list_images(paths: Iterable[str | os.PathLike], *, recursive: bool = False) -> list[str]:
+    """Every image file named by ``paths`` (files as given; folders by suffix), sorted, no duplicates.
+
+    Broken symlinks and unreadable entries with an image suffix are kept: they get an
+    error row rather than silently vanishing. A path that does not exist at all is a
+    usage error.
+    """
+    found: set[str] = set()
+    for p in paths:
+        p = os.fspath(p)
+        if not os.path.lexists(p):
+            raise CsgguardError(f"{printable_path(p)}: no such file or folder")
+        if os.path.isdir(p):
+            walker = os.walk(p) if recursive else [(p, [], [e.name for e in os.scandir(p) if not e.is_dir()])]
+            for folder, dirs, names in walker:
+                dirs.sort()
+                found.update(os.path.join(folder, n) for n in names if _is_image_name(n))
+        else:
+            found.add(p)
+    return sorted(found, key=_sort_key)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` (0 <= I < N) -> (I, N); None passes through."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(v) for v in str(text).split("/", 1))
+    except ValueError:
+        raise CsgguardError(f"--shard {text!r} must look like I/N, e.g. 0/4 (I counts from 0)") from None
+    if n < 1 or not 0 <= i < n:
+        raise CsgguardError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def shard_files(files: Sequence[str], shard: tuple[int, int] | None) -> list[str]:
+    """Contiguous block ``I`` of ``N``: shards 0..N-1 concatenated give back ``files`` in order."""
+    if shard is None:
+        return list(files)
+    i, n = shard
+    total = len(files)
+    return list(files[i * total // n:(i + 1) * total // n])
+
+
+def _to_uint8(im) -> tuple[Any, str | None]:
+    """16-bit / 32-bit / float greyscale -> 8-bit L by scaling (Pillow's convert would clip)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and arr.max(initial=0) > 255) else 255.0
+        if im.mode == "F":
+            top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        from PIL import Image
+
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L"), im.mode
+    return im, None
+
+
+def decode_image(path: str, spec: InputSpec) -> tuple[np.ndarray, str | None]:
+    """Decode one file into a float32 (C, H, W) array in [0, 1]; return it and a conversion note.
+
+    Raises ``ValueError`` with a short reason for anything that is not a usable image.
+    """
+    from PIL import Image, ImageOps
+
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError("broken symlink")
+    if not os.path.isfile(path):
+        raise ValueError("not a regular file")
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                src = f"{im.format or '?'} {im.mode} {im.width}x{im.height}"
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                im, deep = _to_uint8(im)
+                if im.mode != spec.mode:
+                    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                        im = im.convert("RGBA")
+                        flat = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                        im = Image.alpha_composite(flat, im)
+                    im = im.convert(spec.mode)
+                size = (spec.width, spec.height)
+                resized = im.size != size
+                if resized:
+                    resample = Image.Resampling.NEAREST if spec.resize == "nearest" else Image.Resampling.BILINEAR
+                    im = im.resize(size, resample)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValueError(f"decompression bomb refused ({exc})") from None
+        except PermissionError:
+            raise ValueError("permission denied") from None
+        except Image.UnidentifiedImageError:
+            raise ValueError("not an image Pillow can identify") from None
+        except (OSError, SyntaxError, EOFError, ValueError, TypeError, IndexError, MemoryError) as exc:
+            raise ValueError(f"cannot decode image ({exc.__class__.__name__}: {exc})") from None
+    converted = None
+    if deep or resized or src.split(" ")[1] != spec.mode:
+        converted = f"{src} -> {spec.mode} {spec.width}x{spec.height}"
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr, dtype=np.float32) / 255.0, converted
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Files -> (position, tensor, error, conversion); a failed decode yields a zero tensor and its error."""
+
+    def __init__(self, files: Sequence[str], spec: InputSpec) -> None:
+        self.files = list(files)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str | None, str | None]:
+        try:
+            arr, converted = decode_image(self.files[i], self.spec)
+            return i, torch.from_numpy(arr), None, converted
+        except ValueError as exc:
+            return i, torch.zeros(self.spec.channels, self.spec.height, self.spec.width), str(exc), None
+        except Exception as exc:  # one odd file must never stop a screening run
+            return i, torch.zeros(self.spec.channels, self.spec.height, self.spec.width), \
+                f"cannot read ({exc.__class__.__name__}: {exc})", None
+
+
+def _collate(items):
+    pos = [it[0] for it in items]
+    return pos, torch.stack([it[1] for it in items]), [it[2] for it in items], [it[3] for it in items]
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def image_loader(files: Sequence[str], spec: InputSpec, *, batch_size: int = 64, workers: int = 0,
+                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Batches of ``(positions, x, errors, conversions)`` in file order; ``workers`` decode in parallel."""
+    if batch_size < 1:
+        raise CsgguardError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise CsgguardError(f"--workers must be >= 0, got {workers}")
+    return torch.utils.data.DataLoader(ImageFiles(files, spec), batch_size=batch_size, shuffle=False,
+                                       num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
+                                       worker_init_fn=_one_thread if workers else None,
+                                       prefetch_factor=2 if workers else None,
+                                       persistent_workers=False)

@@ -1,0 +1,243 @@
+"""csgguard.attacks and ``csgguard attack`` on a small digits CSG model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from csgguard import CsgguardError, load_dataset, load_model
+from csgguard.attacks import (ATTACKS, AdversarialSet, attack_run_split, load_adversarial_set, make_attack, run,
+                              save_adversarial_set, sidecar_path)
+from csgguard.cli import main
+from csgguard.errors import ArtifactError
+
+N = 128
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def loaded(digits_csg_run):
+    return load_model(digits_csg_run)
+
+
+@pytest.fixture(scope="module")
+def xy():
+    test = load_dataset("digits").test
+    return test.x()[:N], test.labels[:N]
+
+
+@pytest.fixture(scope="module")
+def sets(loaded, xy):
+    """One run per attack, shared by the property tests below."""
+    x, y = xy
+    return {
+        "fgsm": run(loaded, x, y, "fgsm", eps=0.1),
+        "pgd": run(loaded, x, y, "pgd", eps=0.1, steps=20),
+        "pgd-l2": run(loaded, x, y, "pgd", eps=1.0, norm="l2", steps=10),
+        "bim": run(loaded, x, y, "bim", eps=0.1),
+        "deepfool": run(loaded, x, y, "deepfool", steps=10, candidates=4),
+        "cw": run(loaded, x, y, "cw", preset="fast"),
+    }
+
+
+def _predict(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).argmax(1).numpy()
+
+
+def _norms(a: AdversarialSet) -> dict[str, np.ndarray]:
+    d = (a.x_adv.astype(np.float64) - a.x).reshape(len(a), -1)
+    return {"linf": np.abs(d).max(1), "l2": np.sqrt((d * d).sum(1))}
+
+
+def test_registry_has_required_attacks():
+    assert {"fgsm", "pgd", "bim", "cw", "deepfool"} <= set(ATTACKS)
+    assert make_attack("pgd", norm="l2").norm == "l2"
+    with pytest.raises(CsgguardError, match="unknown attack"):
+        make_attack("nope")
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "pgd-l2", "bim", "deepfool", "cw"])
+def test_x_adv_in_bounds_and_budget(sets, name):
+    a = sets[name]
+    assert a.x_adv.dtype == np.float32 and a.x_adv.shape == a.x.shape
+    assert a.x_adv.min() >= 0.0 and a.x_adv.max() <= 1.0
+    eps, norm = a.meta["eps"], a.meta["norm"]
+    if eps is not None:
+        assert _norms(a)[norm].max() <= eps * (1 + 1e-4) + TOL
+    assert a.meta["succeeded"] > 0
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "pgd-l2", "bim", "deepfool", "cw"])
+def test_successes_are_misclassified_and_failures_are_clean(loaded, sets, name):
+    a = sets[name]
+    pred = _predict(loaded.model, a.x_adv)
+    np.testing.assert_array_equal(pred, a.pred_adv)  # pred_adv is the model's verdict on x_adv
+    assert (pred[a.success] != a.y[a.success]).all()
+    failed = ~a.success
+    np.testing.assert_array_equal(a.x_adv[failed], a.x[failed])  # never zeros, never a failed attempt
+    assert not a.success[~a.attacked].any()
+    assert a.meta["attacked"] == int(a.attacked.sum()) == int((a.pred == a.y).sum())
+    assert a.meta["succeeded"] == int(a.success.sum())
+    assert a.meta["success_rate"] == pytest.approx(a.success.sum() / a.attacked.sum())
+
+
+def test_pgd_beats_fgsm_at_same_eps(sets):
+    assert sets["pgd"].meta["success_rate"] > sets["fgsm"].meta["success_rate"]
+
+
+def test_cw_fast_preset_succeeds(sets):
+    assert sets["cw"].meta["success_rate"] >= 0.95
+    assert sets["cw"].meta["settings"]["preset"] == "fast"
+
+
+def test_misclassified_inputs_are_not_attacked(loaded, xy):
+    x, y = xy
+    y_wrong = y.clone()
+    y_wrong[:10] = (y_wrong[:10] + 1) % 10  # the model now "misclassifies" these ten
+    a = run(loaded, x[:32], y_wrong[:32], "fgsm", eps=0.1)
+    assert not a.attacked[:10].any() and not a.success[:10].any()
+    assert a.meta["total"] == 32 and a.meta["attacked"] == int(a.attacked.sum()) <= 22
+
+
+def test_failed_cw_is_masked(loaded, xy):
+    x, y = xy
+    a = run(loaded, x[:64], y[:64], "cw", binary_search_steps=1, steps=2, initial_const=1e-3)
+    assert a.meta["succeeded"] < a.meta["attacked"]  # a weak C&W fails on most inputs
+    failed = a.attacked & ~a.success
+    assert failed.any()
+    assert (np.abs(a.x_adv[failed]).reshape(failed.sum(), -1).sum(1) > 0).all()  # not foolbox's zeros
+    sub = a.successful()
+    assert len(sub) == a.meta["succeeded"] and sub.success.all()
+
+
+def test_seeded_runs_are_reproducible(loaded, xy):
+    x, y = xy[0][:48], xy[1][:48]
+    state = torch.get_rng_state()
+    a = run(loaded, x, y, "pgd", eps=0.1, steps=5, seed=3)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
+    b = run(loaded, x, y, "pgd", eps=0.1, steps=5, seed=3)
+    c = run(loaded, x, y, "pgd", eps=0.1, steps=5, seed=4)
+    np.testing.assert_array_equal(a.x_adv, b.x_adv)
+    np.testing.assert_array_equal(a.success, b.success)
+    assert not np.array_equal(a.x_adv, c.x_adv)
+
+
+def test_pgd_restarts_never_lower_success(loaded, xy):
+    x, y = xy[0][:48], xy[1][:48]
+    one = run(loaded, x, y, "pgd", eps=0.06, steps=5, seed=0)
+    three = run(loaded, x, y, "pgd", eps=0.06, steps=5, seed=0, restarts=3)
+    assert three.meta["succeeded"] >= one.meta["succeeded"]
+    assert three.meta["settings"]["restarts"] == 3
+
+
+@pytest.mark.parametrize("method, kwargs, message", [
+    ("cw", {"eps": 0.1}, "minimisation"),
+    ("deepfool", {"eps": 0.1}, "minimisation"),
+    ("pgd", {"eps": 0.0}, "> 0"),
+    ("pgd", {"eps": 1.5}, r"outside \(0, 1\]"),
+    ("pgd", {"eps": 9.0, "norm": "l2"}, "exceeds"),
+    ("fgsm", {"steps": 3}, "no setting"),
+    ("cw", {"preset": "slow"}, "preset"),
+])
+def test_bad_requests_raise(loaded, xy, method, kwargs, message):
+    with pytest.raises(CsgguardError, match=message):
+        run(loaded, xy[0][:4], xy[1][:4], method, **kwargs)
+
+
+def test_save_load_round_trip_and_tamper(tmp_path, sets):
+    a = sets["pgd"]
+    path = save_adversarial_set(tmp_path / "pgd.npz", a)
+    assert sidecar_path(path).is_file()
+    with np.load(path, allow_pickle=False) as raw:  # plain numpy can read it
+        assert {"x", "x_adv", "y", "pred_adv", "success", "index"} <= set(raw.files)
+    b = load_adversarial_set(path)
+    for k, v in a.arrays().items():
+        np.testing.assert_array_equal(v, getattr(b, k))
+    assert b.meta["attack"] == "pgd" and b.meta["succeeded"] == a.meta["succeeded"]
+
+    side = json.loads(sidecar_path(path).read_text())
+    side["success_rate"] = 1.0
+    sidecar_path(path).write_text(json.dumps(side))
+    with pytest.raises(ArtifactError, match="metadata differs"):
+        load_adversarial_set(path)
+
+    path2 = save_adversarial_set(tmp_path / "pgd2.npz", a)
+    data = bytearray(path2.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path2.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_adversarial_set(path2)
+    sidecar_path(path2).unlink()
+    with pytest.raises(ArtifactError, match="sidecar"):
+        load_adversarial_set(path2)
+
+
+def test_attack_run_split_records_model_and_indices(digits_csg_run, loaded):
+    a = attack_run_split(digits_csg_run, "val", "fgsm", limit=20, eps=0.1, device="cpu")
+    val = load_dataset("digits").val
+    np.testing.assert_array_equal(a.index, val.indices[:20])
+    assert a.meta["model_sha256"] == loaded.sha256
+    assert a.meta["dataset"] == "digits" and a.meta["split"] == "val" and a.meta["total"] == 20
+
+
+def test_cli_attack_writes_set_and_pngs(digits_csg_run, tmp_path):
+    out, png = tmp_path / "fgsm.npz", tmp_path / "png"
+    result = CliRunner().invoke(main, ["attack", "--run", str(digits_csg_run), "--method", "fgsm", "--eps", "8/80",
+                                       "--limit", "40", "--out", str(out), "--save-images", str(png),
+                                       "--format", "json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    a = load_adversarial_set(out)
+    assert summary["eps"] == pytest.approx(0.1) and summary["succeeded"] == a.meta["succeeded"]
+    files = sorted(png.glob("*.png"))
+    assert len(files) == summary["png_written"] == int(a.success.sum())
+    assert 0 <= summary["png_still_adversarial"] <= len(files)
+    for f in files:
+        index, true, adv = map(int, re.fullmatch(r"(\d+)_true(\d+)_adv(\d+)\.png", f.name).groups())
+        row = int(np.flatnonzero(a.index == index)[0])
+        assert a.success[row] and a.y[row] == true and a.pred_adv[row] == adv
+
+
+def test_cli_default_out_is_inside_run(digits_csg_run, tmp_path):
+    run_dir = shutil.copytree(digits_csg_run, tmp_path / "run")  # leave the shared run untouched
+    result = CliRunner().invoke(main, ["attack", "--run", str(run_dir), "--method", "deepfool",
+                                       "--steps", "5", "--limit", "8", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    path = run_dir / "attacks" / "deepfool-l2-min-test.npz"
+    assert path.is_file() and sidecar_path(path).is_file()
+
+
+@pytest.mark.parametrize("args", [
+    ["--method", "nope"],
+    ["--eps", "0"],
+    ["--eps", "1.5"],
+    ["--eps", "eight"],
+    ["--method", "cw", "--eps", "0.1"],
+    ["--method", "deepfool", "--eps", "8/255"],
+    ["--limit", "0"],
+    ["--method", "pgd", "--preset", "fast"],
+    ["--split", "val", "--limit", "-3"],
+])
+def test_cli_bad_input(digits_csg_run, tmp_path, args):
+    out = tmp_path / "bad.npz"
+    result = CliRunner().invoke(main, ["attack", "--run", str(digits_csg_run), "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [x for x in result.output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_run_dir_without_model(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["attack", "--run", str(empty), "--out", str(tmp_path / "x.npz")])
+    assert result.exit_code == 2 and "model.json" in result.output
+    assert not (tmp_path / "x.npz").exists()

@@ -1,0 +1,141 @@
+"""Same-harness baselines: fit / score / state round trip on arrays, and a real signal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from csgguard.detectors import build_detector, detector_class
+from csgguard.features import Features
+from csgguard.metrics import auroc
+
+K, C = 16, 4
+
+
+def _features(n: int, rng: np.random.Generator, adversarial: bool = False) -> Features:
+    """Class clusters in pooled space; 'adversarial' points sit between clusters (off-manifold)."""
+    w = np.eye(C, K) * 3.0
+    y = rng.integers(0, C, n)
+    centres = np.random.default_rng(123).normal(0, 1, (C, K)) * 4  # fixed class centres
+    pooled = centres[y] + rng.normal(0, 1, (n, K))
+    if adversarial:
+        other = (y + 1) % C
+        pooled = 0.45 * centres[y] + 0.55 * centres[other] + rng.normal(0, 1.5, (n, K))
+    logits = pooled @ (centres / 4).T
+    return Features(logits.astype(np.float32), pooled.astype(np.float32), None, w.astype(np.float32),
+                    np.zeros(C, np.float32))
+
+
+def _roundtrip(det):
+    """Arrays through safetensors bytes, extras through JSON: no pickle anywhere."""
+    arrays, extra = det.state()
+    arrays = st_load(st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()})) if arrays else {}
+    extra = json.loads(json.dumps(extra))
+    params = json.loads(json.dumps(det.get_params()))
+    return type(det).from_state(params, arrays, extra)
+
+
+@pytest.mark.parametrize("name,params", [("mahalanobis", {}), ("mahalanobis", {"mode": "pred"}),
+                                         ("lid", {"k": 10}), ("kd-bu", {"passes": 20})])
+def test_array_baseline_fit_score_roundtrip(name, params):
+    rng = np.random.default_rng(0)
+    fit_c, fit_a = _features(300, rng), _features(200, rng, adversarial=True)
+    cal, ev_c, ev_a = _features(200, rng), _features(200, rng), _features(200, rng, adversarial=True)
+    det = build_detector(name, **params)
+    det.fit(fit_c, fit_a if det.supervised else None).calibrate(cal)
+    clean, adv = det.score_samples(ev_c), det.score_samples(ev_a)
+    assert clean.shape == (200,) and np.isfinite(clean).all() and np.isfinite(adv).all()
+    assert auroc(clean, adv) > 0.9, "off-manifold points must score higher than clean ones"
+    assert 0.0 <= (clean > det.threshold_).mean() <= 0.15
+    det2 = _roundtrip(det)
+    np.testing.assert_allclose(det2.score_samples(ev_a), adv, rtol=1e-10, atol=1e-10)
+    assert det2.threshold_ == det.threshold_
+
+
+def test_supervised_baselines_need_adversarial():
+    rng = np.random.default_rng(1)
+    for name in ("lid", "kd-bu"):
+        assert detector_class(name).supervised
+        with pytest.raises(Exception, match="supervised"):
+            build_detector(name).fit(_features(50, rng))
+
+
+def test_lid_estimates_intrinsic_dimension():
+    from csgguard.detectors.lid import lid_mle
+
+    rng = np.random.default_rng(2)
+    ref2 = np.c_[rng.normal(size=(2000, 2)), np.zeros((2000, 8))]    # a 2-d plane in 10-d
+    ref6 = np.c_[rng.normal(size=(2000, 6)), np.zeros((2000, 4))]    # a 6-d subspace
+    q2, q6 = ref2[:100] * 0.5, ref6[:100] * 0.5
+    assert lid_mle(q2, ref2, 20).mean() < lid_mle(q6, ref6, 20).mean()
+    assert 1.0 < np.median(lid_mle(q2, ref2, 20)) < 3.5
+
+
+def test_kd_bandwidth_chosen_on_fit_data_only():
+    rng = np.random.default_rng(3)
+    fit_c, fit_a = _features(200, rng), _features(100, rng, adversarial=True)
+    det = build_detector("kd-bu", passes=5).fit(fit_c, fit_a)
+    h = det.bandwidth_
+    det.score_samples(_features(100, rng, adversarial=True))
+    assert det.bandwidth_ == h and h > 0
+    assert build_detector("kd-bu", passes=5, bandwidth=0.7).fit(fit_c, fit_a).bandwidth_ == 0.7
+
+
+def test_squeezers_and_median():
+    from csgguard.detectors.squeeze import median_smooth, reduce_bit_depth
+
+    x = torch.rand(2, 1, 8, 8)
+    assert set(reduce_bit_depth(x, 1).unique().tolist()) <= {0.0, 1.0}
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 2, 2] = 1.0  # an isolated speck vanishes under a 3x3 median
+    assert median_smooth(x, 3).abs().max() == 0
+    assert median_smooth(torch.ones(1, 3, 4, 4), 2).shape == (1, 3, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def digits_model(digits_csg_run):
+    from csgguard import load_dataset, load_model
+
+    loaded = load_model(digits_csg_run)
+    ds = load_dataset("digits")
+    return loaded.model, ds.test.x()[:120]
+
+
+def test_feature_squeezing_needs_model_and_roundtrip(digits_model):
+    from csgguard import extract_features
+
+    model, x = digits_model
+    feats = extract_features(model, x)
+    det = build_detector("feature-squeezing")
+    assert det.needs_inputs
+    det.fit(feats.subset(np.arange(40)))
+    with pytest.raises(Exception, match="needs the model"):
+        det.score_samples(feats)
+    det.bind_model(model).calibrate(feats.subset(np.arange(40, 120)), inputs=x[40:120])
+    s = det.score_samples(feats, inputs=x)
+    assert s.shape == (120,) and (s >= 0).all() and (s <= 2).all()
+    noisy = (x + 0.5 * torch.rand_like(x)).clamp(0, 1)
+    assert det.score_samples(extract_features(model, noisy), inputs=noisy).mean() > s.mean()
+    det2 = _roundtrip(det).bind_model(model)
+    np.testing.assert_allclose(det2.score_samples(feats, inputs=x), s)
+
+
+def test_mahalanobis_preprocessing_uses_inputs(digits_model):
+    from csgguard import extract_features
+
+    model, x = digits_model
+    feats = extract_features(model, x)
+    plain = build_detector("mahalanobis").fit(feats)
+    assert not plain.needs_inputs
+    pre = build_detector("mahalanobis", noise=0.01).fit(feats).bind_model(model)
+    assert pre.needs_inputs
+    s_plain, s_pre = plain.score_samples(feats), pre.score_samples(feats, inputs=x)
+    assert not np.allclose(s_plain, s_pre)
+    assert s_pre.mean() < s_plain.mean()  # the step moves inputs towards their closest class
+    with pytest.raises(Exception, match="needs the model"):
+        build_detector("mahalanobis", noise=0.01).fit(feats).score_samples(feats)

@@ -1,0 +1,148 @@
+"""The evaluation protocol (method.md section 4): splits, fixed thresholds, counts, report, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import csgguard.evaluate as E
+from csgguard.cli import main
+
+DETECTORS = ("csg-clean", "csg-supervised", "mahalanobis", "lid", "kd-bu", "feature-squeezing")
+ATTACKS = ("fgsm", "pgd")
+FIELDS = ("auroc", "tpr_at_5pct_fpr", "tpr_at_1pct_fpr", "tpr_at_target_fpr", "realised_fpr", "threshold",
+          "attack_success_rate", "n_adv_eval", "n_clean_eval", "n_attacked", "seen", "roc")
+
+
+@pytest.fixture(scope="module")
+def report(digits_csg_run, digits_std_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    return E.evaluate(digits_csg_run, compare_run=digits_std_run, attacks=ATTACKS, detectors=DETECTORS,
+                      limit=420, device="cpu", out=out, adaptive_steps=10, adaptive_weights=(2.0,),
+                      detector_params={"kd-bu": {"passes": 10}}, attack_settings={"pgd": {"steps": 10}},
+                      progress=False)
+
+
+def test_report_has_every_detector_attack_model(report):
+    cells = {(r["model"], r["detector"], r["attack"]) for r in report["results"]}
+    assert cells == {(m, d, a) for m in ("csg", "std") for d in DETECTORS for a in ATTACKS}
+    for r in report["results"]:
+        for f in FIELDS:
+            assert f in r, f
+        assert r["n_clean_eval"] == report["split_sizes"]["evaluation"]
+        assert 0.5 < r["auroc"] <= 1.0 or r["detector"] == "feature-squeezing"
+    assert {r["detector"] for r in report["adaptive"]} == set(DETECTORS)
+    on_disk = json.loads((report_path := __import__("pathlib").Path(report["out"]) / "report.json").read_text())
+    assert on_disk["splits"] == report["splits"]
+    for name in ("report.md", "roc_fgsm.png", "roc_pgd.png", "roc_adaptive-pgd.png", "gate_heatmap.png"):
+        assert (report_path.parent / name).stat().st_size > 0
+    md = (report_path.parent / "report.md").read_text()
+    assert "Seen vs unseen" in md and "Adaptive attack" in md
+
+
+def test_splits_disjoint_and_fixed_by_seed(report):
+    parts = [set(report["splits"][k]) for k in ("fit", "calibration", "evaluation")]
+    assert all(len(p) >= 100 for p in parts)
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert sum(map(len, parts)) == 420
+    a, b = E.make_splits(719, seed=0, limit=420), E.make_splits(719, seed=1, limit=420)
+    assert not np.array_equal(a["evaluation"], b["evaluation"])
+    np.testing.assert_array_equal(a["fit"], E.make_splits(719, seed=0, limit=420)["fit"])
+
+
+def test_threshold_fixed_across_attacks(report):
+    for m in ("csg", "std"):
+        for d in DETECTORS:
+            thr = {r["threshold"] for r in report["results"] if r["model"] == m and r["detector"] == d}
+            thr |= {r["threshold"] for r in report["adaptive"] if r["model"] == m and r["detector"] == d}
+            assert len(thr) == 1, (m, d, thr)
+            assert thr == {report["thresholds"][m][d]["target"]}
+
+
+def test_supervised_seen_only_on_fit_attack(report):
+    for r in report["results"]:
+        assert r["seen"] == (r["supervised"] and r["attack"] == "fgsm")
+    assert report["seen_unseen"]["csg"]["csg-supervised"]["pgd"]["seen"] is False
+
+
+def test_realised_fpr_recomputed_on_evaluation_split(report, digits_csg_run):
+    """Refit csg-clean on the reported split indices: same threshold, same FPR on the evaluation part."""
+    from csgguard import extract_features, load_dataset, load_model
+    from csgguard.detectors import build_detector
+
+    ds = load_dataset("digits")
+    pos = {int(i): p for p, i in enumerate(ds.test.indices)}
+    model = load_model(digits_csg_run).model
+    feats = {k: extract_features(model, ds.test.x()[[pos[i] for i in report["splits"][k]]])
+             for k in ("fit", "calibration", "evaluation")}
+    det = build_detector("csg-clean").fit(feats["fit"]).calibrate(feats["calibration"])
+    row = next(r for r in report["results"] if r["model"] == "csg" and r["detector"] == "csg-clean")
+    assert det.threshold_ == pytest.approx(row["threshold"])
+    assert row["realised_fpr"] == pytest.approx((det.score_samples(feats["evaluation"]) > det.threshold_).mean())
+
+
+def test_failed_attacks_excluded(digits_csg_run, monkeypatch, tmp_path):
+    """Half of the successes are turned into failures with all-zero images (as foolbox's C&W returns)."""
+    real = E.run_attack
+    seen = {}
+
+    def half_failing(model, x, y, method, **kw):
+        adv = real(model, x, y, method, **kw)
+        ok = np.flatnonzero(adv.success)
+        drop = ok[::2]
+        adv.success[drop] = False
+        adv.x_adv[drop] = 0.0
+        seen[method] = int(adv.success.sum()), int(adv.attacked.sum())
+        return adv
+
+    monkeypatch.setattr(E, "run_attack", half_failing)
+    rep = E.evaluate(digits_csg_run, attacks=("pgd",), detectors=("csg-clean",), limit=300, device="cpu",
+                     adaptive=False, out=tmp_path, progress=False)
+    row = rep["results"][0]
+    assert row["n_adv_eval"] == seen["pgd"][0] == rep["attacks"]["csg"]["pgd"]["succeeded"]
+    assert row["attack_success_rate"] == pytest.approx(seen["pgd"][0] / seen["pgd"][1])
+
+
+def _cli(args):
+    res = CliRunner().invoke(main, args)
+    return res.exit_code, res.output
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--detectors", "csg-clean,nope"], "unknown detector 'nope'"),
+    (["--attacks", "fgsm,zap"], "unknown attack 'zap'"),
+    (["--limit", "30"], "too few"),
+    (["--fpr", "0.7"], "--fpr"),
+])
+def test_cli_bad_input(digits_csg_run, tmp_path, extra, msg):
+    out = tmp_path / "rep"
+    code, text = _cli(["evaluate", "--run", str(digits_csg_run), "--out", str(out), "--device", "cpu", *extra])
+    assert code == 2, text
+    assert msg in text and "Traceback" not in text
+    assert not out.exists()
+
+
+def test_cli_compare_run_mismatch(digits_csg_run, digits_std_run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(digits_std_run, other)
+    manifest = json.loads((other / "model.json").read_text())
+    manifest["classes"] = [f"c{i}" for i in range(len(manifest["classes"]))]
+    (other / "model.json").write_text(json.dumps(manifest))
+    code, text = _cli(["evaluate", "--run", str(digits_csg_run), "--compare-run", str(other),
+                       "--out", str(tmp_path / "rep"), "--device", "cpu"])
+    assert code == 2 and "same classes" in text and "Traceback" not in text
+    assert not (tmp_path / "rep").exists()
+
+
+def test_cli_runs_and_prints_table(digits_csg_run, tmp_path):
+    code, text = _cli(["evaluate", "--run", str(digits_csg_run), "--attacks", "fgsm", "--detectors",
+                       "csg-clean,mahalanobis", "--no-adaptive", "--limit", "300", "--out", str(tmp_path / "r"),
+                       "--device", "cpu", "--format", "json"])
+    assert code == 0, text
+    rep = json.loads(text[text.index("{"):])
+    assert {r["detector"] for r in rep["results"]} == {"csg-clean", "mahalanobis"}
+    assert (tmp_path / "r" / "report.md").is_file()

@@ -1,0 +1,184 @@
+"""`csgguard fit` and `csgguard screen`: flag rates, bad input, sharding, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from csgguard import load_dataset, load_model
+from csgguard.cli import main
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _save_png(x: np.ndarray, path: Path) -> None:
+    Image.fromarray(np.clip(x[0] * 255 + 0.5, 0, 255).astype(np.uint8), "L").save(path)
+
+
+def _quantised_pred(model, x: np.ndarray) -> np.ndarray:
+    q = torch.from_numpy(np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8)).float() / 255
+    with torch.no_grad():
+        return model(q).argmax(1).numpy()
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory, digits_csg_run) -> Path:
+    """A copy of the digits CSG run with a csg-clean detector fitted by the CLI."""
+    run = tmp_path_factory.mktemp("screen") / "run"
+    shutil.copytree(digits_csg_run, run)
+    r = _cli("fit", "--run", run, "--format", "json", "--no-progress")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert (run / "detector.json").is_file() and (run / "detector.safetensors").is_file()
+    assert summary["clean_fit"] > 500 and 0 < summary["realised_fpr_val"] <= 0.1
+    return run
+
+
+@pytest.fixture(scope="module")
+def image_dirs(tmp_path_factory, fitted_run):
+    """clean/: 100 test PNGs; pgd/, fgsm/: attacks that still fool the model after 8-bit PNG quantisation."""
+    from csgguard.attacks import run as attack
+
+    loaded = load_model(fitted_run)
+    test = load_dataset("digits").test
+    root = tmp_path_factory.mktemp("images")
+    x, y = test.x()[:300], test.labels[:300]
+    (root / "clean").mkdir()
+    for i in range(100):
+        _save_png(x[i].numpy(), root / "clean" / f"{i:04d}.png")
+    for method in ("pgd", "fgsm"):
+        adv = attack(loaded, x, y, method, progress=False).successful()  # the digits default eps
+        still = _quantised_pred(loaded.model, adv.x_adv) != adv.y
+        (root / method).mkdir()
+        for j in np.flatnonzero(still):
+            _save_png(adv.x_adv[j], root / method / f"{int(adv.index[j]):04d}.png")
+        assert still.sum() >= 20, f"{method}: only {still.sum()} adversarial PNGs"
+    return root
+
+
+def _rows(result) -> list[dict]:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_clean_not_all_flagged_and_attacks_flagged(fitted_run, image_dirs):
+    rates = {}
+    for name in ("clean", "pgd", "fgsm"):
+        r = _cli("screen", image_dirs / name, "--run", fitted_run, "--format", "jsonl", "--no-progress")
+        assert r.exit_code == 0, r.output
+        rows = _rows(r)
+        assert len(rows) == len(os.listdir(image_dirs / name)) and all(row["error"] is None for row in rows)
+        rates[name] = np.mean([row["flagged"] for row in rows])
+    assert rates["clean"] < 0.2, rates          # a demo that flags everything is useless
+    assert rates["pgd"] > 0.6 and rates["fgsm"] > 0.6, rates
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that claims a huge size: Pillow's decompression-bomb check fires on open."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.fixture()
+def bad_folder(tmp_path, image_dirs):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    good = sorted((image_dirs / "clean").iterdir())[:3]
+    for p in good:
+        shutil.copy(p, d / p.name)
+    digit = np.asarray(Image.open(good[0]))
+    (d / "empty.png").write_bytes(b"")
+    (d / "truncated.png").write_bytes(good[1].read_bytes()[:40])
+    (d / "text.jpg").write_text("not an image at all\n")
+    (d / "bomb.png").write_bytes(_png_header_only(20000, 20000))
+    Image.fromarray(digit.astype(np.uint16) * 257).save(d / "deep16.png")
+    Image.fromarray(digit).resize((40, 40)).convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray(digit).resize((30, 20)).convert("RGB").save(d / "colour.webp")
+    (d / "unreadable.png").write_bytes(good[2].read_bytes())
+    os.symlink(d / "gone.png", d / "broken.png")
+    with open(os.fsencode(d) + b"/caf\xe9.png", "wb") as f:
+        f.write(good[0].read_bytes())
+    return d
+
+
+def test_bad_input_gets_error_rows_and_run_goes_on(fitted_run, bad_folder, monkeypatch):
+    unreadable = str(bad_folder / "unreadable.png")
+    if os.geteuid() == 0:  # root reads chmod-000 files: fake the permission error at open()
+        real_open = Image.open
+
+        def guarded(fp, *a, **k):
+            if os.fspath(fp) == unreadable:
+                raise PermissionError(13, "Permission denied", unreadable)
+            return real_open(fp, *a, **k)
+        monkeypatch.setattr(Image, "open", guarded)
+    else:
+        os.chmod(unreadable, 0)
+    r = _cli("screen", bad_folder, "--run", fitted_run, "--format", "jsonl", "--no-progress", "--batch-size", "4")
+    assert r.exit_code == 0, r.output
+    rows = {row["path"].rsplit("/", 1)[1]: row for row in _rows(r)}
+    errors = {"empty.png", "truncated.png", "text.jpg", "bomb.png", "unreadable.png", "broken.png"}
+    scored = {"deep16.png", "cmyk.jpg", "colour.webp", "caf\\xe9.png"}
+    assert len(rows) == 3 + len(errors) + len(scored)
+    for name in errors:
+        assert rows[name]["error"] and rows[name]["score"] is None and rows[name]["flagged"] is None, name
+    assert "bomb" in rows["bomb.png"]["error"] and "permission" in rows["unreadable.png"]["error"]
+    for name in scored | {p for p in rows if p[0].isdigit()}:
+        assert rows[name]["error"] is None and isinstance(rows[name]["score"], float), name
+    for name in ("deep16.png", "cmyk.jpg", "colour.webp"):
+        assert rows[name]["converted"] and "-> L 8x8" in rows[name]["converted"], rows[name]
+    # a 16-bit copy is scaled, not clipped: it scores like its 8-bit original
+    original = rows[sorted(p for p in rows if p[0].isdigit())[0]]
+    assert rows["deep16.png"]["score"] == pytest.approx(original["score"], rel=1e-6)
+    assert "6 errors" in r.stderr
+
+
+def test_shards_concatenate_to_one_run(fitted_run, image_dirs):
+    args = ["screen", image_dirs, "--recursive", "--run", fitted_run, "--format", "jsonl", "--no-progress",
+            "--batch-size", "16"]
+    whole = _cli(*args)
+    assert whole.exit_code == 0, whole.output
+    parts = [_cli(*args, "--shard", f"{i}/3", *(["--workers", "2"] if i == 1 else [])) for i in range(3)]
+    assert all(p.exit_code == 0 for p in parts), [p.output for p in parts]
+    assert "".join(p.stdout for p in parts) == whole.stdout
+    paths = [row["path"] for row in _rows(whole)]
+    assert len(paths) == len(set(paths)) == sum(len(os.listdir(image_dirs / d)) for d in ("clean", "pgd", "fgsm"))
+    assert paths == sorted(paths, key=os.fsencode)
+
+
+def test_exit_codes(fitted_run, image_dirs, tmp_path, digits_std_run):
+    adv = image_dirs / "pgd"
+    assert _cli("screen", adv, "--run", fitted_run, "--format", "csv").exit_code == 0
+    assert _cli("screen", adv, "--run", fitted_run, "--format", "csv", "--fail-on-flag").exit_code == 1
+    high = _cli("screen", adv, "--run", fitted_run, "--fail-on-flag", "--threshold", "1e12", "--format", "json")
+    assert high.exit_code == 0 and not any(r["flagged"] for r in json.loads(high.stdout))
+    assert _cli("screen", "--run", fitted_run).exit_code == 2                       # no PATH
+    missing = _cli("screen", tmp_path / "nope", "--run", fitted_run)
+    assert missing.exit_code == 2 and "no such file" in missing.stderr
+    assert _cli("screen", adv, "--run", fitted_run, "--shard", "3/3").exit_code == 2
+    # a detector that belongs to another model is refused, in one line
+    foreign = _cli("screen", adv, "--run", digits_std_run, "--detector", fitted_run / "detector.json")
+    assert foreign.exit_code == 2 and "belongs to model" in foreign.stderr
+    assert len(foreign.stderr.strip().splitlines()) == 1 and "Traceback" not in foreign.output
+    # a tampered detector is refused
+    run2 = tmp_path / "run2"
+    shutil.copytree(fitted_run, run2)
+    data = bytearray((run2 / "detector.safetensors").read_bytes())
+    data[-5] ^= 0x01
+    (run2 / "detector.safetensors").write_bytes(bytes(data))
+    tampered = _cli("screen", adv, "--run", run2)
+    assert tampered.exit_code == 2 and "sha256" in tampered.stderr
+    assert _cli("fit", "--run", fitted_run, "--fpr", "2", "--out", tmp_path / "x.json").exit_code == 2
+    assert not (tmp_path / "x.json").exists()
