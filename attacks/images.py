@@ -44,7 +44,7 @@ def save_adversarial_images(advset: AdversarialSet, out_dir: str | os.PathLike, 
     out_dir = Path(out_dir)
     ok = advset.successful()
     q = to_uint8(ok.x_adv)
-    for img, i, t, a in zip(q, ok.index, ok.y, ok.pred_adv):
+    for img, i, t, a in zip(q, ok.index, ok.y, ok.pred_adv, strict=True):
         atomic_write_bytes(out_dir / png_name(i, t, a), encode_png(img))
     still = None
     if model is not None and len(ok):

@@ -116,10 +116,11 @@ class PGD(_Iterative):
 
 CW_PRESETS: dict[str, dict[str, Any]] = {
     # three short searches from a large constant with a big Adam step: 75 gradient steps at most,
-    # seconds for hundreds of small images; perturbations ~30% larger than the thorough preset's
+    # seconds for hundreds of small images; median perturbation ~40% larger than "thorough"
     "fast": dict(binary_search_steps=3, steps=25, stepsize=0.1, initial_const=1.0),
-    # close to the paper's setting, a tenth of foolbox's 9 x 10000 steps (abort_early stops most sooner)
-    "thorough": dict(binary_search_steps=9, steps=1000, stepsize=0.01, initial_const=1e-2),
+    # six searches from a small constant: 900 steps at most (foolbox's default is 9 x 10000); on digits
+    # it finds ~30% smaller perturbations than "fast" (and than DeepFool) in about ten times the time
+    "thorough": dict(binary_search_steps=6, steps=150, stepsize=0.05, initial_const=0.1),
 }
 
 

@@ -37,9 +37,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import foolbox as fb
+    from csgguard.attacks import run
 
     from csgguard import TrainConfig, load_dataset, load_model, train
-    from csgguard.attacks import run
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run
@@ -87,7 +87,7 @@ def main() -> None:
               f"({', '.join(f'{t:.3f}' for t in t_fb)}); successes {direct()}")
         print(f"csgguard attacks.run   : median {m_us:.3f} s over {args.reps} reps "
               f"({', '.join(f'{t:.3f}' for t in t_us)}); successes {n_ok}")
-        pairs = statistics.median(u / f for u, f in zip(t_us, t_fb))
+        pairs = statistics.median(u / f for u, f in zip(t_us, t_fb, strict=True))
         print(f"overhead ratio (csgguard / foolbox): median-of-pairs {pairs:.3f}, best-of-reps "
               f"{min(t_us) / min(t_fb):.3f}, median {m_us / m_fb:.3f}  (target <= 1.05)")
 

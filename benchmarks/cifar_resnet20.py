@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 
 from csgguard import TrainConfig, load_dataset, train
 from csgguard.devices import select_device
+from csgguard.progress import log
 
 
 def run_one(gate: bool, args, device: torch.device) -> dict[str, Any]:
@@ -37,8 +37,7 @@ def run_one(gate: bool, args, device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = train(cfg, Path(args.out) / ("csg" if gate else "std"), progress=False,
-                   log=lambda m: print(m, file=sys.stderr))
+    result = train(cfg, Path(args.out) / ("csg" if gate else "std"), progress=False, log=log)
     wall = time.perf_counter() - t0
     s = result.summary
     by_path: dict[str, list[float]] = {}

@@ -20,9 +20,21 @@ from pathlib import Path
 # dataset -> (full settings, reduced settings): epochs, --limit, attacks
 PLANS = {
     "digits": ({"epochs": 30, "limit": None}, {"epochs": 20, "limit": None}),
-    "mnist": ({"epochs": 12, "limit": 3000}, {"epochs": 2, "limit": 900}),
+    "mnist": ({"epochs": 6, "limit": 3000}, {"epochs": 3, "limit": 900}),
     "cifar10": ({"epochs": 30, "limit": 3000}, {"epochs": 3, "limit": 600}),
 }
+
+
+def _same_training(run: Path, cfg) -> bool:
+    """True when ``run`` holds a finished model trained with ``cfg``'s data, gate, epochs and seed."""
+    import json
+
+    manifest = run / "model.json"
+    if not manifest.is_file():
+        return False
+    done = json.loads(manifest.read_text()).get("training", {})
+    want = cfg.resolved().to_dict()
+    return all(done.get(k) == want[k] for k in ("data", "gate", "epochs", "seed", "arch", "batch_size", "lr"))
 
 
 def main() -> None:
@@ -36,6 +48,8 @@ def main() -> None:
     ap.add_argument("--attacks", default="fgsm,pgd,cw,deepfool")
     ap.add_argument("--eps", type=float, default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse OUT/<data>/{csg,std} when their model.json records the same training settings")
     ap.add_argument("--cw-preset", default="fast", help="C&W preset passed to the attack (fast | thorough)")
     args = ap.parse_args()
 
@@ -58,7 +72,10 @@ def main() -> None:
         runs[label] = out / label
         cfg = TrainConfig(data=args.data, data_root=args.data_root, gate=gate, epochs=plan["epochs"], seed=0,
                           device=str(dev))
-        train(cfg, runs[label], progress=False)
+        if args.reuse and _same_training(runs[label], cfg):
+            print(f"reusing {runs[label]} (same data, gate, epochs and seed in its model.json)")
+        else:
+            train(cfg, runs[label], progress=False)
         gate_flag = "" if gate else " --no-gate"
         root = f" --data-root {shlex.quote(args.data_root)}" if args.data_root else ""
         print(f"$ csgguard train --data {args.data}{root} --epochs {plan['epochs']}{gate_flag} --out {runs[label]}")

@@ -66,7 +66,7 @@ def make_splits(n: int, seed: int = 0, limit: int | None = None,
     n_fit = int(round(m * fractions[0]))
     n_cal = int(round(m * fractions[1]))
     parts = (perm[:n_fit], perm[n_fit:n_fit + n_cal], perm[n_fit + n_cal:])
-    return {name: np.sort(p) for name, p in zip(SPLIT_NAMES, parts)}
+    return {name: np.sort(p) for name, p in zip(SPLIT_NAMES, parts, strict=True)}
 
 
 def _check_sizes(splits: dict[str, np.ndarray], fpr: float) -> None:

@@ -119,7 +119,7 @@ def write_roc_plots(report: dict[str, Any], out: Path) -> list[Path]:
     for a in attacks:
         fig, ax = plt.subplots(figsize=(5.5, 5))
         src = report["adaptive"] if a == "adaptive-pgd" else report["results"]
-        for i, r in enumerate(x for x in src if x["attack"] == a and x.get("roc")):
+        for r in (x for x in src if x["attack"] == a and x.get("roc")):
             style = "-" if r["model"] == "csg" else "--"
             ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], style, color=f"C{report['settings']['detectors'].index(r['detector']) % 10}",
                     label=f"{r['model']} {r['detector']} ({_f(r['auroc'])})")

@@ -73,7 +73,7 @@ class LIDDetector(Detector):
 
     def _lids(self, features: Features, skip_self: bool = False) -> np.ndarray:
         refs = [self.ref_pooled_, self.ref_logits_]
-        return np.stack([lid_mle(q, r, self.k, skip_self) for q, r in zip(self._layers(features), refs)], 1)
+        return np.stack([lid_mle(q, r, self.k, skip_self) for q, r in zip(self._layers(features), refs, strict=True)], 1)
 
     def _fit(self, clean: Features, adversarial: Features | None, *, inputs=None, adversarial_inputs=None) -> None:
         rng = np.random.default_rng(self.seed)

@@ -10,10 +10,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from csgguard.attacks import (
+    ATTACKS,
+    AdversarialSet,
+    attack_run_split,
+    load_adversarial_set,
+    make_attack,
+    run,
+    save_adversarial_set,
+    sidecar_path,
+)
 
 from csgguard import CsgguardError, load_dataset, load_model
-from csgguard.attacks import (ATTACKS, AdversarialSet, attack_run_split, load_adversarial_set, make_attack, run,
-                              save_adversarial_set, sidecar_path)
 from csgguard.cli import main
 from csgguard.errors import ArtifactError
 
@@ -112,9 +120,10 @@ def test_failed_cw_is_masked(loaded, xy):
     assert a.meta["succeeded"] < a.meta["attacked"]  # a weak C&W fails on most inputs
     failed = a.attacked & ~a.success
     assert failed.any()
-    assert (np.abs(a.x_adv[failed]).reshape(failed.sum(), -1).sum(1) > 0).all()  # not foolbox's zeros
+    assert (np.abs(a.x_adv[failed]).sum(axis=(1, 2, 3)) > 0).all()  # not foolbox's zeros
     sub = a.successful()
     assert len(sub) == a.meta["succeeded"] and sub.success.all()
+    assert (np.abs(sub.x_adv).sum(axis=(1, 2, 3)) > 0).all()  # no zero image counted as a success
 
 
 def test_seeded_runs_are_reproducible(loaded, xy):

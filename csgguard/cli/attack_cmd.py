@@ -9,7 +9,14 @@ import click
 from ..errors import CsgguardError
 from ..progress import log
 from . import main
-from .common import device_option, emit_mapping, format_option, parse_fraction, progress_option, run_option
+from .common import (
+    device_option,
+    emit_mapping,
+    format_option,
+    parse_fraction,
+    progress_option,
+    run_option,
+)
 
 METHODS = ("fgsm", "bim", "pgd", "cw", "deepfool")
 
@@ -21,9 +28,9 @@ METHODS = ("fgsm", "bim", "pgd", "cw", "deepfool")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default=None,
               help="Threat model (default: linf; l2 for cw and deepfool).")
 @click.option("--steps", type=int, default=None, help="Iterations (bim 10, pgd 40, deepfool 50, cw per preset).")
-@click.option("--restarts", type=int, default=None, help="pgd: random restarts for the failures (default 1).")
+@click.option("--restarts", type=int, default=None, help="pgd: tries per input in all; inputs still not adversarial get a fresh random start (default 1).")
 @click.option("--preset", type=click.Choice(["fast", "thorough"]), default=None,
-              help="cw: fast (3 x 25 steps, default) or thorough (9 x 1000 steps).")
+              help="cw: fast (3 x 25 steps, default) or thorough (6 x 150 steps).")
 @run_option
 @click.option("--data-root", type=click.Path(), default=None,
               help="Dataset root (default: the one the model was trained on).")
@@ -53,8 +60,13 @@ def attack_command(method, eps, norm, steps, restarts, preset, run_dir, data_roo
       csgguard attack --method cw --preset fast --limit 256
       csgguard attack --method fgsm --eps 8/255 --run runs/cifar --save-images adv_png/
     """
-    from ..attacks import (attack_run_split, default_output_path, make_attack, save_adversarial_images,
-                           save_adversarial_set)
+    from ..attacks import (
+        attack_run_split,
+        default_output_path,
+        make_attack,
+        save_adversarial_images,
+        save_adversarial_set,
+    )
 
     eps_value = parse_fraction(eps, "--eps") if eps is not None else None
     settings = {"restarts": restarts, "preset": preset}

@@ -9,7 +9,15 @@ from ..evaluate import DEFAULT_ATTACKS, DEFAULT_DETECTORS, evaluate
 from ..progress import log
 from ..report import SUMMARY_COLUMNS, summary_rows
 from . import main
-from .common import device_option, emit_mapping, emit_rows, format_option, parse_fraction, progress_option, run_option
+from .common import (
+    device_option,
+    emit_mapping,
+    emit_rows,
+    format_option,
+    parse_fraction,
+    progress_option,
+    run_option,
+)
 
 
 def _names(value: str, what: str) -> tuple[str, ...]:
