@@ -136,15 +136,29 @@ def _carve_val(images: torch.Tensor, labels: torch.Tensor, val_fraction: float, 
 
 
 def _make(name: str, classes: list[str], train_images, train_labels, test_images, test_labels,
-          val_fraction: float, seed: int, source: str) -> Dataset:
+          val_fraction: float, seed: int, source: str, class_sorted: bool = False) -> Dataset:
+    """Assemble the three splits.
+
+    ``class_sorted`` sources (image folders, tarballs: files listed class by class)
+    are put in a fixed random order first, so that "the first N images" of any split
+    (``--limit``) is a sample of every class rather than of the first class alone;
+    ``indices`` still point at the source's own (sorted) order.
+    """
     train_images = torch.as_tensor(train_images)
     test_images = torch.as_tensor(test_images)
     train_labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.int64)
     test_labels = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64)
     if len(train_labels) == 0 or len(test_labels) == 0:
         raise DataError(f"{source}: a split is empty (train {len(train_labels)}, test {len(test_labels)} images)")
+    order_tr, order_te = np.arange(len(train_labels)), np.arange(len(test_labels))
+    if class_sorted:
+        rng = np.random.default_rng(seed + 12345)
+        order_tr, order_te = rng.permutation(len(train_labels)), rng.permutation(len(test_labels))
+        train_images, train_labels = train_images[order_tr], train_labels[order_tr]
+        test_images, test_labels = test_images[order_te], test_labels[order_te]
     train, val = _carve_val(train_images, train_labels, val_fraction, seed)
-    test = Split("test", test_images, test_labels, np.arange(len(test_labels)))
+    train.indices, val.indices = order_tr[train.indices], order_tr[val.indices]
+    test = Split("test", test_images, test_labels, order_te)
     mean, std = _channel_stats(train.images)
     return Dataset(name, classes, train, val, test, source, mean, std)
 
@@ -352,13 +366,14 @@ def load_imagefolder_dataset(path: str | os.PathLike, *, name: str = "imagefolde
             xte, yte = _decode_many(te, "L" if xtr.shape[1] == 1 else "RGB", xtr.shape[2])
             return cls, {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte}
         cls, a = _cached_decode(tars, build, f"tar|{image_size}|{mode}|{classes}")
-        return _make(name, cls, a["xtr"], a["ytr"], a["xte"], a["yte"], val_fraction, seed, str(root))
+        return _make(name, cls, a["xtr"], a["ytr"], a["xte"], a["yte"], val_fraction, seed, str(root),
+                     class_sorted=True)
     if (root / "train").is_dir() and (root / "test").is_dir():
         cls, tr = _scan_folder(root / "train", classes)
         _, te = _scan_folder(root / "test", cls)
         xtr, ytr = _decode_many(tr, mode, image_size)
         xte, yte = _decode_many(te, "L" if xtr.shape[1] == 1 else "RGB", xtr.shape[2])
-        return _make(name, cls, xtr, ytr, xte, yte, val_fraction, seed, str(root))
+        return _make(name, cls, xtr, ytr, xte, yte, val_fraction, seed, str(root), class_sorted=True)
     cls, items = _scan_folder(root, classes)
     x, y = _decode_many(items, mode, image_size)
     from sklearn.model_selection import train_test_split
@@ -367,7 +382,9 @@ def load_imagefolder_dataset(path: str | os.PathLike, *, name: str = "imagefolde
     strat = y if np.bincount(y).min() >= 2 else None
     tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=strat)
     tr, te = np.sort(tr), np.sort(te)
-    return _make(name, cls, x[tr], y[tr], x[te], y[te], val_fraction, seed, str(root))
+    ds = _make(name, cls, x[tr], y[tr], x[te], y[te], val_fraction, seed, str(root), class_sorted=True)
+    ds.train.indices, ds.val.indices, ds.test.indices = tr[ds.train.indices], tr[ds.val.indices], te[ds.test.indices]
+    return ds
 
 
 # ----------------------------------------------------------------------------- CIFAR-10

@@ -220,8 +220,13 @@ class Trainer:
         flip = (torch.rand(n, generator=self.generator) < 0.5).to(x.device, non_blocking=True)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         padded = F.pad(x, (4, 4, 4, 4))
-        dx, dy = torch.randint(0, 9, (2,), generator=self.generator).tolist()
-        return padded[:, :, dy:dy + h, dx:dx + w]
+        # an independent crop offset per image, gathered in one indexing op
+        offsets = torch.randint(0, 9, (2, n), generator=self.generator).to(x.device, non_blocking=True)
+        rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        return padded[batch, chans, rows, cols]
 
     def run_epoch(self, epoch: int, progress=None, task=None) -> dict[str, float]:
         cfg, model = self.cfg, self.model

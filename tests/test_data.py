@@ -103,6 +103,16 @@ def test_imagefolder_tree(tmp_path):
     assert len(ds.train) + len(ds.val) + len(ds.test) == 12
 
 
+def test_class_sorted_sources_are_mixed_so_first_n_samples_every_class(tmp_path):
+    for split in ("train", "test"):
+        _tree(tmp_path / split, n=20, size=8, classes=("a", "b", "c"))
+    ds = load_imagefolder_dataset(tmp_path)
+    for s in (ds.train, ds.test):
+        assert set(s.labels[:15].tolist()) == {0, 1, 2}
+        # indices still point at the sorted file order: label of sorted position i is i // 20
+        assert (s.labels.numpy() == s.indices // 20).all()
+
+
 def test_imagefolder_train_test_tarballs(tmp_path):
     for split in ("train", "test"):
         _tree(tmp_path / "src" / split, n=4, size=32)
