@@ -37,9 +37,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import foolbox as fb
-    from csgguard.attacks import run
 
     from csgguard import TrainConfig, load_dataset, load_model, train
+    from csgguard.attacks import run
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run

@@ -36,10 +36,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
+    from csgguard import TrainConfig, extract_features, load_dataset, load_model, train
     from csgguard.attacks import run as attack
     from csgguard.detectors import build_detector
-
-    from csgguard import TrainConfig, extract_features, load_dataset, load_model, train
 
     run = args.run
     if run is None:

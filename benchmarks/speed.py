@@ -88,6 +88,7 @@ def bench_training(ds, device: torch.device, args) -> tuple[dict[str, Any], Trai
 def bench_attack(model, x, y, device: torch.device, data: str, args) -> dict[str, Any]:
     try:
         import foolbox as fb
+
         from csgguard.attacks import run as attack_run
     except ImportError as exc:
         return {"pgd": f"not available ({exc})"}
@@ -119,7 +120,6 @@ def bench_attack(model, x, y, device: torch.device, data: str, args) -> dict[str
 def bench_detector(run_dir: Path, ds, model, device: torch.device, args) -> dict[str, Any]:
     try:
         from csgguard.detectors import build_detector
-
         from csgguard.fitting import fit_detector
     except ImportError as exc:
         return {"detector": f"not available ({exc})"}

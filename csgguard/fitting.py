@@ -16,7 +16,6 @@ The detector is saved into the run directory (``detector.safetensors`` +
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,22 +49,20 @@ def _clean_features(loaded: LoadedModel, split: Split, batch_size: int, device) 
 def _adversarial_features(loaded: LoadedModel, split: Split, attacks: Sequence[str], eps: float | None,
                           batch_size: int, seed: int, device, progress, dataset: str
                           ) -> tuple[Features, dict[str, dict[str, Any]]]:
-    try:
-        from .attacks import run as run_attack
-    except ImportError:
-        raise CsgguardError("the attacks API (csgguard.attacks.run) is not available in this install") from None
+    from .attacks import ATTACKS
+    from .attacks import run as run_attack
+
     parts, counts = [], {}
     for i, method in enumerate(attacks):
-        kwargs: dict[str, Any] = {"eps": eps, "batch_size": batch_size, "seed": seed + i, "device": device}
-        accepted = inspect.signature(run_attack).parameters
-        for key, value in (("progress", progress), ("dataset", dataset)):
-            if key in accepted:
-                kwargs[key] = value
+        kwargs: dict[str, Any] = {"batch_size": batch_size, "seed": seed + i, "device": device,
+                                  "progress": progress, "dataset": dataset}
+        if method in ATTACKS and not ATTACKS[method].minimization:
+            kwargs["eps"] = eps  # minimum-norm attacks (cw, deepfool) take no budget
         adv = run_attack(loaded, split.x(), split.labels, method, **kwargs)
         ok = adv.successful()
         x_adv = torch.as_tensor(np.asarray(ok.x_adv, dtype=np.float32))
-        counts[method] = {"attacked": int(np.sum(getattr(adv, "attacked", np.ones(len(adv.y), bool)))),
-                          "successful": int(len(x_adv)), "eps": (adv.meta or {}).get("eps", eps)}
+        counts[method] = {"attacked": int(np.sum(adv.attacked)), "successful": int(len(x_adv)),
+                          "eps": adv.meta.get("eps")}
         if len(x_adv):
             parts.append(extract_features(loaded.model, x_adv, batch_size=batch_size, device=device))
     if not parts:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+
+from csgguard import CsgguardError, load_dataset, load_model
 from csgguard.attacks import (
     ATTACKS,
     AdversarialSet,
@@ -20,8 +22,6 @@ from csgguard.attacks import (
     save_adversarial_set,
     sidecar_path,
 )
-
-from csgguard import CsgguardError, load_dataset, load_model
 from csgguard.cli import main
 from csgguard.errors import ArtifactError
 

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from csgguard.detectors import build_detector, detector_class
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from csgguard.detectors import build_detector, detector_class
 from csgguard.features import Features
 from csgguard.metrics import auroc
 

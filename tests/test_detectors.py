@@ -7,14 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from csgguard.detectors import NotFittedError, build_detector
-from csgguard.detectors.gate import (
-    CLEAN_SCORES,
-    GateCleanDetector,
-    GateSupervisedDetector,
-    pseudo_gate,
-)
-from csgguard.detectors.store import detector_paths, load_detector, save_detector
 
 from csgguard import (
     ArtifactError,
@@ -24,6 +16,14 @@ from csgguard import (
     load_dataset,
     load_model,
 )
+from csgguard.detectors import NotFittedError, build_detector
+from csgguard.detectors.gate import (
+    CLEAN_SCORES,
+    GateCleanDetector,
+    GateSupervisedDetector,
+    pseudo_gate,
+)
+from csgguard.detectors.store import detector_paths, load_detector, save_detector
 from csgguard.metrics import auroc
 
 

@@ -71,9 +71,8 @@ def test_supervised_seen_only_on_fit_attack(report):
 
 def test_realised_fpr_recomputed_on_evaluation_split(report, digits_csg_run):
     """Refit csg-clean on the reported split indices: same threshold, same FPR on the evaluation part."""
-    from csgguard.detectors import build_detector
-
     from csgguard import extract_features, load_dataset, load_model
+    from csgguard.detectors import build_detector
 
     ds = load_dataset("digits")
     pos = {int(i): p for p, i in enumerate(ds.test.indices)}

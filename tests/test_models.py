@@ -15,8 +15,8 @@ def test_gate_init_density_and_penalty():
     g = ClassSpecificGate(8, 4)
     assert torch.allclose(g.weight, torch.full((8, 4), 0.5))
     assert float(g.density()) == pytest.approx(0.5)
-    assert float(g.penalty(0.2)) == pytest.approx(0.5 * 32 - 0.2 * 32)
-    assert float(g.penalty(0.6)) == 0.0
+    assert float(g.penalty(0.2).detach()) == pytest.approx(0.5 * 32 - 0.2 * 32)
+    assert float(g.penalty(0.6).detach()) == 0.0
 
 
 @settings(max_examples=50, deadline=None)

@@ -35,15 +35,12 @@ def main() -> None:
     pass
 
 
-def _register() -> None:
-    import importlib
-
-    for name in ("train_cmd", "inspect_cmd", "attack_cmd", "fit_cmd", "screen_cmd", "evaluate_cmd"):
-        try:
-            importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-
-
-_register()
+# each command module registers itself on `main` when imported
+from . import (  # noqa: E402,F401
+    attack_cmd,
+    evaluate_cmd,
+    fit_cmd,
+    inspect_cmd,
+    screen_cmd,
+    train_cmd,
+)

@@ -39,6 +39,10 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 class CsgguardGroup(click.Group):
     """A click group that turns errors into one line on stderr and a documented exit code."""
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        order = ("train", "inspect", "attack", "fit", "screen", "evaluate")  # the workflow, not a-z
+        return sorted(self.commands, key=lambda n: (order.index(n) if n in order else len(order), n))
+
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(os.environ.get("CSGGUARD_DEBUG"))
         try:
