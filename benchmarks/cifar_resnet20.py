@@ -54,7 +54,8 @@ def run_one(gate: bool, args, device: torch.device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default=os.environ.get("CSGGUARD_DATA_ROOT", "/work/shared/data/cifar10-jpeg"))
+    p.add_argument("--data-root", default=os.environ.get("CSGGUARD_DATA_ROOT"),
+                   help="CIFAR-10 root (e.g. ../shared/data/cifar10-jpeg); env CSGGUARD_DATA_ROOT")
     p.add_argument("--device", default="auto")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=256)

@@ -68,9 +68,10 @@ def features_from_outputs(model: CSGNet, logits: torch.Tensor, pooled: torch.Ten
 
 
 @torch.no_grad()
-def extract_features(model: CSGNet, x: torch.Tensor, *, batch_size: int = 512,
+def extract_features(model: CSGNet, x: torch.Tensor | np.ndarray, *, batch_size: int = 512,
                      device: torch.device | str | None = None) -> Features:
     """One forward pass per batch over [0, 1] images ``x`` (N, C, H, W) -> :class:`Features`."""
+    x = torch.as_tensor(x, dtype=torch.float32)
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     logits, pooled = [], []

@@ -423,8 +423,6 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
     ds = load_dataset(cfg.data, cfg.data_root, seed=0, val_fraction=cfg.val_fraction)
     if cfg.train_limit is not None and cfg.train_limit < len(ds.train):
         ds = dataclasses.replace(ds, train=ds.train.subset(np.arange(cfg.train_limit)))
-    if cfg.arch is None:
-        cfg.arch = "small_cnn"
     trainer = Trainer(cfg, ds, device, ctx)
     history: list[dict[str, Any]] = []
     start_epoch, best_state, best_epoch = 0, None, None
@@ -448,8 +446,6 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
         best_epoch = meta.get("best_epoch")
         start_epoch = len(history)
         elapsed_before = float(meta.get("seconds", 0.0))
-    elif (out / "model.json").exists() or ckpt_json.exists():
-        pass  # a finished or interrupted run is replaced only at the end, atomically
     say = (log or (lambda _m: None)) if main else (lambda _m: None)
     where = f"{device}" if not ctx.enabled else f"{ctx.world_size} processes ({ctx.backend}, rank 0 on {device})"
     say(f"training {'CSG' if cfg.gate else 'STD'} {cfg.arch} on {ds.name} "
