@@ -48,7 +48,7 @@ SPLIT_NAMES = ("fit", "calibration", "evaluation")
 
 
 def run_attack(model, x, y, method, **kw):
-    """Indirection over :func:`csgguard.attacks.run` (tests replace it with a stub)."""
+    """Indirection over :func:`csgguard.attacks.run` (tests replace it with a fake that fails on purpose)."""
     from .attacks import run
 
     return run(model, x, y, method=method, **kw)
