@@ -56,6 +56,9 @@ def gate_clean_surrogate(det, model) -> Surrogate:
         pred = logits.argmax(1)
         if name == "mahalanobis":
             return quad(pooled - A["means_"][pred], A["precision_"])
+        if name == "classcov":
+            r = pooled - A["means_"][pred]
+            return torch.einsum("nk,nkl,nl->n", r, A["class_precision_"][pred], r)
         if name == "gated-diagonal":
             g = A["gate_"].t()[pred]
             r2 = (pooled - A["means_"][pred]) ** 2 / A["var_"]
@@ -71,7 +74,17 @@ def gate_clean_surrogate(det, model) -> Surrogate:
             return (mismatch(pooled, pred) - A["mismatch_mean_"][pred]).abs() / A["mismatch_std_"][pred]
         raise CsgguardError(f"no differentiable surrogate for score {name!r}")
 
+    def two_sided(logits, pooled, parts):
+        top2 = logits.topk(2, dim=1).values
+        comps = {0: lambda: torch.log(component("mahalanobis", logits, pooled) + 1e-12),
+                 1: lambda: torch.log(component("classcov", logits, pooled) + 1e-12),
+                 2: lambda: -torch.log(top2[:, 0] - top2[:, 1] + 1e-6)}
+        zs = [(comps[i]() - A["twosided_center_"][i]) / A["twosided_scale_"][i] for i in parts]
+        return torch.stack(zs, 1).max(1).values
+
     def surrogate(logits, pooled):
+        if score in ("maha-margin", "classcov-margin"):
+            return two_sided(logits, pooled, (0, 2) if score == "maha-margin" else (1, 2))
         if score != "combined":
             return component(score, logits, pooled)
         parts = [torch.log1p(component(n, logits, pooled).clamp_min(0)) for n in

@@ -11,8 +11,8 @@ pass that classifies the input (:class:`csgguard.features.Features`).
   purpose: method.md section 3 measured that strong attacks make the pattern *more*
   concentrated on the predicted class's filters than a clean input's, so the naive
   "more mismatch = adversarial" score points the wrong way. Several scores are
-  selectable (``score=``); the default was the best on the measurements in
-  docs/detectors.md.
+  selectable (``score=``); the default was chosen by a rule stated before the
+  measurements in docs/detectors.md (benchmarks/gate_variants_mnist.py).
 * :class:`GateSupervisedDetector` (``csg-supervised``) feeds a handful of those
   statistics to a logistic regression fitted on clean vs adversarial inputs. Saved as
   arrays (coefficients, scaler), never pickled.
@@ -33,12 +33,20 @@ from ..features import Features
 from .base import Detector
 
 #: the scores :class:`GateCleanDetector` can use (``score=``)
-CLEAN_SCORES = ("mahalanobis", "gated-diagonal", "gated-logits", "logits", "mismatch", "mismatch-z", "combined")
+CLEAN_SCORES = ("classcov-margin", "mahalanobis", "classcov", "maha-margin", "gated-diagonal", "gated-logits", "logits",
+                "mismatch", "mismatch-z", "combined")
+#: the default score (chosen by the rule in docs/detectors.md, benchmarks/gate_variants_mnist.py)
+DEFAULT_SCORE = "classcov-margin"
 #: the statistics the supervised detector feeds to its logistic regression, in order
 SUPERVISED_FEATURES = ("log_mahalanobis", "log_gated_diagonal", "log_gated_logits", "mismatch", "mismatch_z",
                        "max_softmax", "logit_margin", "gated_logit_margin", "log_pooled_norm")
 _COMBINED = ("mahalanobis", "gated-logits", "mismatch-z")
+#: the log components the two-sided scores standardise, in the order of ``twosided_center_``
+TWO_SIDED = ("mahalanobis", "classcov", "margin")
+#: score -> the TWO_SIDED components whose max z it takes
+_TWO_SIDED_SCORES = {"maha-margin": (0, 2), "classcov-margin": (1, 2)}
 _EPS = 1e-12
+_MARGIN_FLOOR = 1e-6
 
 
 def pseudo_gate(pooled: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -62,6 +70,14 @@ def _shrunk_precision(residuals: np.ndarray) -> np.ndarray:
 
 
 def _quad(r: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Row-wise ``r P r^T``, bit-identical whatever the number of rows.
+
+    OpenBLAS hands a one-row product to gemv, which sums in another order than gemm; a
+    lone row is therefore computed as part of a two-row product, so that a score never
+    depends on which other inputs share its batch (screen's shards must match one run).
+    """
+    if len(r) == 1:
+        return _quad(np.concatenate([r, r]), precision)[:1]
     return ((r @ precision) * r).sum(1)
 
 
@@ -70,6 +86,8 @@ class _GateStatistics:
 
     ARRAYS = ("gate_", "means_", "precision_", "var_", "logit_means_", "logit_precision_",
               "mismatch_mean_", "mismatch_std_", "combined_center_", "combined_scale_")
+    #: arrays added later: a detector saved without them loads, but cannot use the scores that need them
+    OPTIONAL_ARRAYS = ("class_precision_", "twosided_center_", "twosided_scale_")
 
     def _use_model_gate(self, features: Features) -> bool:
         if self.gate == "model" and features.gate is None:
@@ -88,6 +106,9 @@ class _GateStatistics:
         r = a - self.means_[pred]
         self.precision_ = _shrunk_precision(r)
         self.var_ = np.maximum(r.var(0), _EPS)
+        # per-class covariance (Ledoit-Wolf shrinks it towards a scaled identity when a class has few samples)
+        self.class_precision_ = np.stack([_shrunk_precision(r[pred == c]) if np.sum(pred == c) > 2
+                                          else self.precision_ for c in range(c_num)])
         z = self._gated_logits(clean)
         self.logit_means_ = np.stack([z[pred == c].mean(0) if np.any(pred == c) else z.mean(0)
                                       for c in range(c_num)])
@@ -100,6 +121,9 @@ class _GateStatistics:
         comps = np.stack([self._log_component(name, clean) for name in _COMBINED], 1)
         self.combined_center_ = np.median(comps, 0)
         self.combined_scale_ = np.maximum(comps.std(0), 1e-6)
+        comps = self._two_sided_components(clean)
+        self.twosided_center_ = comps.mean(0)
+        self.twosided_scale_ = np.maximum(comps.std(0), 1e-6)
 
     # -- the statistics (each a function of one forward pass) -----------------
     def _gated_logits(self, f: Features) -> np.ndarray:
@@ -111,10 +135,35 @@ class _GateStatistics:
         closed = 1.0 - self.gate_.T[f.pred]  # (N, K)
         return (a * closed).sum(1) / np.maximum(a.sum(1), _EPS)
 
+    def _two_sided_components(self, f: Features, cols: tuple[int, ...] = (0, 1, 2)) -> np.ndarray:
+        """(N, len(cols)) of: log tied Mahalanobis, log class-covariance Mahalanobis, -log logit margin.
+
+        The first two grow when the pattern is atypical of its class (strong attacks push
+        deep into the wrong class); the last grows when the input sits on a decision
+        boundary (minimum-norm attacks such as C&W and DeepFool stop just across it).
+        """
+        def margin():
+            z = f.logits.astype(np.float64)
+            top2 = np.partition(z, -2, axis=1)[:, -2:] if z.shape[1] > 1 else np.c_[z, z]
+            return top2[:, 1] - top2[:, 0]
+
+        parts = (lambda: np.log(self._component("mahalanobis", f) + _EPS),
+                 lambda: np.log(self._component("classcov", f) + _EPS),
+                 lambda: -np.log(margin() + _MARGIN_FLOOR))
+        return np.stack([parts[i]() for i in cols], 1)
+
     def _component(self, name: str, f: Features) -> np.ndarray:
         pred = f.pred
         if name == "mahalanobis":
             return _quad(f.pooled.astype(np.float64) - self.means_[pred], self.precision_)
+        if name == "classcov":
+            self._need("class_precision_", name)
+            r = f.pooled.astype(np.float64) - self.means_[pred]
+            out = np.empty(len(r))
+            for c in np.unique(pred):  # per class: no (N, K, K) gather, one small product each
+                rows = pred == c
+                out[rows] = _quad(r[rows], self.class_precision_[c])
+            return out
         if name == "gated-diagonal":
             g = self.gate_.T[pred]
             r2 = (f.pooled.astype(np.float64) - self.means_[pred]) ** 2 / self.var_
@@ -134,14 +183,25 @@ class _GateStatistics:
     def _log_component(self, name: str, f: Features) -> np.ndarray:
         return np.log1p(np.maximum(self._component(name, f), 0.0))
 
+    def _need(self, array: str, score: str) -> None:
+        if getattr(self, array, None) is None:
+            raise CsgguardError(f"score {score!r} needs array {array}, which this (older) detector file lacks; "
+                                "refit it")
+
     def _statistic(self, name: str, f: Features) -> np.ndarray:
+        if name in _TWO_SIDED_SCORES:
+            self._need("twosided_center_", name)
+            cols = list(_TWO_SIDED_SCORES[name])
+            zs = (self._two_sided_components(f, tuple(cols)) - self.twosided_center_[cols]) / self.twosided_scale_[cols]
+            return zs.max(1)
         if name != "combined":
             return self._component(name, f)
         comps = np.stack([self._log_component(n, f) for n in _COMBINED], 1)
         return ((comps - self.combined_center_) / self.combined_scale_).sum(1)
 
     def _stat_arrays(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(getattr(self, k), dtype=np.float64) for k in self.ARRAYS}
+        return {k: np.asarray(getattr(self, k), dtype=np.float64) for k in self.ARRAYS + self.OPTIONAL_ARRAYS
+                if getattr(self, k, None) is not None}
 
     def _load_stat_arrays(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         missing = [k for k in self.ARRAYS if k not in arrays]
@@ -149,6 +209,15 @@ class _GateStatistics:
             raise CsgguardError(f"detector state lacks arrays {', '.join(missing)}")
         for k in self.ARRAYS:
             setattr(self, k, np.asarray(arrays[k], dtype=np.float64))
+        for k in self.OPTIONAL_ARRAYS:
+            setattr(self, k, np.asarray(arrays[k], dtype=np.float64) if k in arrays else None)
+        c_num, k_num = self.means_.shape
+        if self.class_precision_ is not None and self.class_precision_.shape != (c_num, k_num, k_num):
+            raise CsgguardError(f"class_precision_ has shape {self.class_precision_.shape}, "
+                                f"expected ({c_num}, {k_num}, {k_num})")
+        for k in ("twosided_center_", "twosided_scale_"):
+            if getattr(self, k) is not None and getattr(self, k).shape != (len(TWO_SIDED),):
+                raise CsgguardError(f"{k} has shape {getattr(self, k).shape}, expected ({len(TWO_SIDED)},)")
         self.gate_source_ = str(extra.get("gate_source_", "model"))
 
     def _check_features(self, f: Features) -> None:
@@ -163,8 +232,15 @@ class GateCleanDetector(_GateStatistics, Detector):
     Parameters
     ----------
     score : one of :data:`CLEAN_SCORES`.
-        ``mahalanobis`` (default): squared Mahalanobis distance of the pooled activations
+        ``classcov-margin`` (default): two-sided, flags an input when *either* its pattern is
+        atypical of the predicted class *or* it sits on a decision boundary: the max of the
+        clean-standardised z-scores of ``log classcov`` and ``-log(logit margin)``. Strong
+        attacks (PGD) are caught by the first, minimum-norm attacks (C&W, DeepFool), which
+        stop just across the boundary, by the second.
+        ``mahalanobis``: squared Mahalanobis distance of the pooled activations
         to the predicted class's clean mean, tied Ledoit-Wolf covariance.
+        ``classcov``: the same with one Ledoit-Wolf covariance per class.
+        ``maha-margin``: like ``classcov-margin`` with the tied ``mahalanobis``.
         ``gated-diagonal``: per-filter standardised distance weighted by the predicted
         class's gate column (only the class's own filters count).
         ``gated-logits``: Mahalanobis distance of the gated-logit vector (the classifier
@@ -180,7 +256,7 @@ class GateCleanDetector(_GateStatistics, Detector):
     name = "csg-clean"
     supervised = False
 
-    def __init__(self, *, score: str = "mahalanobis", gate: str = "auto", fpr: float = 0.05) -> None:
+    def __init__(self, *, score: str = DEFAULT_SCORE, gate: str = "auto", fpr: float = 0.05) -> None:
         super().__init__(fpr=fpr)
         self.score = score
         self.gate = gate

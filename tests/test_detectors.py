@@ -163,3 +163,65 @@ def test_load_refuses_tampered_or_foreign(tmp_path, csg):
         load_detector(tmp_path / "d.json", model_sha256=loaded.sha256)
     with pytest.raises(ArtifactError, match="not found"):
         load_detector(tmp_path / "missing", model_sha256=loaded.sha256)
+
+
+@pytest.mark.parametrize("score", ["classcov-margin", "maha-margin", "classcov", "mahalanobis", "combined"])
+def test_adaptive_surrogate_equals_numpy_score(csg, score):
+    """The adaptive attack's torch rewrite must be the detector's score (else the attack is not exact)."""
+    from csgguard.adaptive import gate_clean_surrogate
+
+    loaded, ds, f = csg
+    det = GateCleanDetector(score=score).fit(f["train"])
+    model = loaded.model.eval()
+    with torch.no_grad():
+        logits, pooled = model.forward_features(ds.test.x()[:200])
+        torch_scores = gate_clean_surrogate(det, model)(logits, pooled).double().numpy()
+    feats = Features(logits.numpy(), pooled.numpy(), f["test"].gate, f["test"].fc_weight, f["test"].fc_bias)
+    np.testing.assert_allclose(torch_scores, det.score_samples(feats), rtol=1e-3, atol=1e-3)
+
+
+def test_two_sided_score_flags_boundary_inputs(csg):
+    """classcov-margin: a clean pattern whose top-2 logits tie is flagged though the pattern is typical."""
+    _, _, f = csg
+    det = GateCleanDetector(score="classcov-margin").fit(f["train"]).calibrate(f["val"])
+    plain = GateCleanDetector(score="classcov").fit(f["train"]).calibrate(f["val"])
+    t = f["test"]
+    typical = np.flatnonzero(plain.score_samples(t) < np.median(plain.score_samples(t)))
+    z = t.logits[typical].copy()
+    order = np.argsort(-z, 1)
+    rows = np.arange(len(z))
+    z[rows, order[:, 1]] = z[rows, order[:, 0]] - 1e-4  # same argmax, margin ~0
+    tied = Features(z, t.pooled[typical], t.gate, t.fc_weight, t.fc_bias)
+    assert plain.predict(tied).mean() == 0  # the pattern distance alone does not see it
+    assert det.predict(tied).mean() == 1    # the boundary half of the two-sided score does
+    # and it is the max of the two z-scores: never below the pattern half
+    comps = det._two_sided_components(t)
+    zc = (comps[:, 1] - det.twosided_center_[1]) / det.twosided_scale_[1]
+    assert np.all(det.score_samples(t) >= zc - 1e-12)
+
+
+def test_detector_saved_without_new_arrays_still_loads(tmp_path, csg):
+    """Files written before class_precision_ / twosided_* existed load; only the scores needing them refuse."""
+    loaded, _, f = csg
+    det = GateCleanDetector(score="mahalanobis").fit(f["train"]).calibrate(f["val"])
+    arrays, extra = det.state()
+    old = {k: v for k, v in arrays.items() if k not in GateCleanDetector.OPTIONAL_ARRAYS}
+    back = GateCleanDetector.from_state({"score": "mahalanobis", "gate": "auto", "fpr": 0.05}, old, extra)
+    np.testing.assert_array_equal(back.score_samples(f["test"]), det.score_samples(f["test"]))
+    newer = GateCleanDetector.from_state({"score": "classcov-margin", "gate": "auto", "fpr": 0.05}, old, extra)
+    with pytest.raises(CsgguardError, match="refit"):
+        newer.score_samples(f["test"])
+    bad = {**arrays, "twosided_center_": np.zeros(5)}
+    with pytest.raises(CsgguardError, match="twosided_center_"):
+        GateCleanDetector.from_state({"score": "classcov-margin", "gate": "auto", "fpr": 0.05}, bad, extra)
+
+
+@pytest.mark.parametrize("score", ["classcov-margin", "mahalanobis"])
+def test_score_does_not_depend_on_batch_composition(csg, score):
+    """Screening shards must equal one run bit for bit: a row's score is the same alone or in any batch."""
+    _, _, f = csg
+    det = GateCleanDetector(score=score).fit(f["train"])
+    t = f["test"]
+    whole = det.score_samples(t)
+    for rows in ([0], [3], [0, 1], list(range(5, 12)), list(range(40, 120, 3))):
+        np.testing.assert_array_equal(det.score_samples(t.subset(np.array(rows))), whole[rows])

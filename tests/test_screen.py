@@ -139,9 +139,10 @@ def test_bad_input_gets_error_rows_and_run_goes_on(fitted_run, bad_folder, monke
         assert rows[name]["error"] is None and isinstance(rows[name]["score"], float), name
     for name in ("deep16.png", "cmyk.jpg", "colour.webp"):
         assert rows[name]["converted"] and "-> L 8x8" in rows[name]["converted"], rows[name]
-    # a 16-bit copy is scaled, not clipped: it scores like its 8-bit original
+    # a 16-bit copy is scaled, not clipped: it scores like its 8-bit original (abs: the default score is a
+    # z-score that can sit near 0, where float32 rounding of the two decodings exceeds any relative tolerance)
     original = rows[sorted(p for p in rows if p[0].isdigit())[0]]
-    assert rows["deep16.png"]["score"] == pytest.approx(original["score"], rel=1e-6)
+    assert rows["deep16.png"]["score"] == pytest.approx(original["score"], rel=1e-6, abs=1e-4)
     assert "6 errors" in r.stderr
 
 
