@@ -34,7 +34,8 @@ def _same_training(run: Path, cfg) -> bool:
         return False
     done = json.loads(manifest.read_text()).get("training", {})
     want = cfg.resolved().to_dict()
-    return all(done.get(k) == want[k] for k in ("data", "gate", "epochs", "seed", "arch", "batch_size", "lr"))
+    keys = ("data", "gate", "epochs", "seed", "arch", "batch_size", "lr", "train_limit")
+    return all(done.get(k) == want.get(k) for k in keys)
 
 
 def main() -> None:
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--attacks", default="fgsm,pgd,cw,deepfool")
     ap.add_argument("--eps", type=float, default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--train-limit", type=int, default=None,
+                    help="train on the first N (mixed-class) training images only (reduced CPU runs)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse OUT/<data>/{csg,std} when their model.json records the same training settings")
     ap.add_argument("--cw-preset", default="fast", help="C&W preset passed to the attack (fast | thorough)")
@@ -71,14 +74,16 @@ def main() -> None:
     for label, gate in (("csg", True), ("std", False)):
         runs[label] = out / label
         cfg = TrainConfig(data=args.data, data_root=args.data_root, gate=gate, epochs=plan["epochs"], seed=0,
-                          device=str(dev))
+                          device=str(dev), train_limit=args.train_limit)
         if args.reuse and _same_training(runs[label], cfg):
             print(f"reusing {runs[label]} (same data, gate, epochs and seed in its model.json)")
         else:
             train(cfg, runs[label], progress=False)
         gate_flag = "" if gate else " --no-gate"
         root = f" --data-root {shlex.quote(args.data_root)}" if args.data_root else ""
-        print(f"$ csgguard train --data {args.data}{root} --epochs {plan['epochs']}{gate_flag} --out {runs[label]}")
+        limit = f" (train_limit={args.train_limit}, Python API)" if args.train_limit else ""
+        print(f"$ csgguard train --data {args.data}{root} --epochs {plan['epochs']}{gate_flag} --out {runs[label]}"
+              f"{limit}")
     t_train = time.perf_counter() - t0
     attacks = tuple(a.strip() for a in args.attacks.split(","))
     settings = {"cw": {"preset": args.cw_preset}} if "cw" in attacks else {}
