@@ -99,13 +99,19 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def shard_files(files: Sequence[str], shard: tuple[int, int] | None) -> list[str]:
-    """Contiguous block ``I`` of ``N``: shards 0..N-1 concatenated give back ``files`` in order."""
+def shard_files(files: Sequence[str], shard: tuple[int, int] | None, batch_size: int = 1) -> list[str]:
+    """Contiguous block ``I`` of ``N``: shards 0..N-1 concatenated give back ``files`` in order.
+
+    Blocks are cut on multiples of ``batch_size``, so every batch a shard forms is exactly a
+    batch of the unsharded run: the forward pass sees the same tensors and the scores agree
+    to the last bit (a different batch split can change float rounding in BLAS kernels).
+    """
     if shard is None:
         return list(files)
     i, n = shard
-    total = len(files)
-    return list(files[i * total // n:(i + 1) * total // n])
+    batches = -(-len(files) // batch_size)
+    start, stop = i * batches // n * batch_size, (i + 1) * batches // n * batch_size
+    return list(files[start:stop])
 
 
 def _to_uint8(im) -> tuple[Any, str | None]:

@@ -113,7 +113,7 @@ def screen(paths: Iterable[str | os.PathLike], run_dir: str | os.PathLike = "run
     once it is exhausted.
     """
     screener = Screener(run_dir, detector=detector, threshold=threshold, device=device)
-    files = shard_files(list_images(paths, recursive=recursive), shard)
+    files = shard_files(list_images(paths, recursive=recursive), shard, batch_size)
     screener.summary["shard"] = None if shard is None else f"{shard[0]}/{shard[1]}"
     return screener, screener.rows(files, batch_size=batch_size, workers=workers, progress=progress)
 

@@ -53,7 +53,7 @@ def test_one_forward_pass_gives_logits_and_pooled():
     out = net.forward_features(x)
     assert out.logits.shape == (6, 10) and out.pooled.shape == (6, net.num_filters)
     assert torch.allclose(out.logits, net(x), atol=1e-6)
-    assert float(out.pooled.min()) >= 0  # last conv ends in ReLU
+    assert float(out.pooled.min().detach()) >= 0  # last conv ends in ReLU
     y = torch.arange(6)
     std, csg = net.forward_both(x, y)
     assert torch.allclose(std, out.logits, atol=1e-6)

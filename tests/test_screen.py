@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from csgguard import load_dataset, load_model
@@ -183,3 +185,15 @@ def test_exit_codes(fitted_run, image_dirs, tmp_path, digits_std_run):
     assert tampered.exit_code == 2 and "sha256" in tampered.stderr
     assert _cli("fit", "--run", fitted_run, "--fpr", "2", "--out", tmp_path / "x.json").exit_code == 2
     assert not (tmp_path / "x.json").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 60), st.integers(1, 7), st.integers(1, 9))
+def test_shards_partition_the_list_on_batch_boundaries(n_files, n_shards, batch_size):
+    from csgguard.images import shard_files
+
+    files = [f"{i:03d}.png" for i in range(n_files)]
+    parts = [shard_files(files, (i, n_shards), batch_size) for i in range(n_shards)]
+    assert sum(parts, []) == files  # nothing lost, nothing duplicated, order kept
+    starts = [len(sum(parts[:i], [])) for i in range(n_shards)]
+    assert all(s % batch_size == 0 for s in starts)  # every shard starts on a batch boundary

@@ -50,7 +50,7 @@ def _stream(rows, fmt: str) -> None:
               help="Decode worker processes (one thread each); 0 decodes in the main process.")
 @click.option("--shard", default=None, metavar="I/N",
               help="Screen only block I (0-based) of N of the sorted file list; the shards' JSONL outputs "
-                   "concatenated in order equal one unsharded run.")
+                   "concatenated in order equal one unsharded run with the same --batch-size.")
 @click.option("--fail-on-flag", is_flag=True, help="Exit 1 when any image is flagged (for pipelines).")
 @device_option
 @progress_option
