@@ -23,8 +23,6 @@ Nothing here is fitted by hand: the numbers are what ``csgguard fit`` would prod
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 import tempfile
 import time
@@ -33,19 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import command_line
 
 METHODS = ("fgsm", "pgd")
-
-
-def _command() -> str:
-    """The command line that produced this output, as it can be pasted back into a shell."""
-    exe = Path(sys.executable)
-    try:
-        exe = exe.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return env + shlex.join([str(exe), *sys.argv])
 
 
 def _models(args, out: Path, log) -> dict[str, Path]:
@@ -191,7 +179,7 @@ def run(args) -> None:
             per_model[label] = info
 
     m = machine_info(device)
-    print(f"$ {_command()}")
+    print(f"$ {command_line()}")
     print(f"machine: {m['platform']}, {m['cpu_count']} CPUs, device {m['device']} {m.get('gpu', '')}".rstrip()
           + f", torch {m['torch']}, threads {torch.get_num_threads()}, python {m['python']}")
     sizes = {k: len(getattr(ds, k)) for k in ("train", "val", "test")}

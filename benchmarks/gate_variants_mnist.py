@@ -28,26 +28,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import command_line
 
 ATTACKS = ("fgsm", "pgd", "cw", "deepfool")
 ATTACK_KW = {"fgsm": {"eps": 0.1}, "pgd": {"eps": 0.1}, "cw": {"preset": "fast"}, "deepfool": {}}
-
-
-def _command() -> str:
-    exe = Path(sys.executable)
-    try:
-        exe = exe.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return env + shlex.join([str(exe), *sys.argv])
 
 
 def load_study(args, log=print) -> dict[str, dict]:
@@ -276,7 +266,7 @@ def main() -> None:
 
 def _print(args, study, results, fpr_eval, secs) -> None:
     print("# csg-clean score variants on MNIST (clean-only, attack-agnostic)\n")
-    print(f"Command: `{_command()}`  ")
+    print(f"Command: `{command_line()}`  ")
     print(f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), CPU; {secs:.0f} s (attacks cached in `{args.cache}`).  ")
     for label, d in study.items():
