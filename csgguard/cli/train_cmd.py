@@ -29,7 +29,7 @@ def data_options(f):
 @click.option("--width", type=int, default=None, help="Filters K in the gated layer (backbone default).")
 @click.option("--gate/--no-gate", default=True, show_default=True,
               help="--no-gate trains the STD baseline (same network, STD path only).")
-@click.option("--epochs", type=int, default=None, help="Epochs (default per dataset: digits 30, mnist 12, cifar10 30).")
+@click.option("--epochs", type=int, default=None, help="Epochs (default per dataset: digits 30, mnist 6, cifar10 30).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None)
 @click.option("--lr", type=float, default=None, help="STD-path learning rate.")
