@@ -17,3 +17,15 @@ def command_line() -> str:
         pass
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     return env + shlex.join([str(exe), *sys.argv])
+
+
+def best_of(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` wall-clock timings of ``fn()`` (least disturbed by other load)."""
+    import time
+
+    times = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)

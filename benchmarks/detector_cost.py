@@ -15,18 +15,9 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
-import time
 
 import torch
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from _common import best_of
 
 
 def main() -> None:

@@ -18,20 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def _best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from _common import best_of
 
 
 def main() -> None:
@@ -97,7 +88,7 @@ def main() -> None:
             pass
 
     bare(), scored()  # warm-up
-    t_dec, t_bare, t_score, t_e2e = (_best(f, args.repeat) for f in (decode, bare, scored, end_to_end))
+    t_dec, t_bare, t_score, t_e2e = (best_of(f, args.repeat) for f in (decode, bare, scored, end_to_end))
     n = len(files)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"screen speed: {n} images {spec.height}x{spec.width}x{spec.channels}, detector "
