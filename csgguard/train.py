@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from .artifacts import load_tensors, read_json, save_tensors, write_json
 from .data import Dataset, load_dataset
-from .devices import autocast, select_device
+from .devices import autocast, channels_last, select_device
 from .distributed import (
     SINGLE,
     DistContext,
@@ -62,9 +63,13 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
                    gate_lr=2e-2, weight_decay=0.0, warmup=3, period=3, csg_from=1, augment=False),
     "mnist": dict(arch="small_cnn", epochs=6, batch_size=128, optimizer="adam", lr=1e-3, csg_lr=1e-3,
                   gate_lr=1e-2, weight_decay=0.0, warmup=1, period=3, csg_from=1, augment=False),
-    "cifar10": dict(arch="resnet20", epochs=30, batch_size=128, optimizer="sgd", lr=0.1, csg_lr=0.1,
-                    gate_lr=1e-2, weight_decay=5e-4, warmup=2, period=3, csg_from=2, augment=True),
+    # CIFAR-10: a short cosine schedule with a linear LR warm-up reaches ResNet-20's usual accuracy
+    # in tens of epochs instead of the 160+ of step decay (measured: README "CIFAR-10").
+    "cifar10": dict(arch="resnet20", epochs=40, batch_size=128, optimizer="sgd", lr=0.1, csg_lr=0.1,
+                    gate_lr=1e-2, weight_decay=5e-4, warmup=2, period=3, csg_from=2, augment=True,
+                    lr_schedule="cosine", lr_warmup_epochs=1.0),
 }
+LR_SCHEDULES = ("step", "cosine")
 
 
 @dataclass
@@ -82,8 +87,11 @@ class TrainConfig:
     gate_lr: float | None = None          # CSG-path learning rate of the gate itself (Adam)
     weight_decay: float | None = None
     momentum: float = 0.9
+    lr_schedule: str | None = None        # step (x gamma at milestones) | cosine (per step, to 0)
+    lr_warmup_epochs: float | None = None  # linear LR ramp from 0 over this many epochs (cosine only)
     milestones: tuple[float, ...] = (0.4, 0.6, 0.8)
     gamma: float = 0.1
+    label_smoothing: float = 0.0
     schedule: str = "alternate"           # alternate (reference) | joint
     warmup: int | None = None
     period: int | None = None
@@ -108,6 +116,10 @@ class TrainConfig:
         for k, v in DATASET_DEFAULTS[key].items():
             if getattr(out, k) is None:
                 setattr(out, k, v)
+        if out.lr_schedule is None:
+            out.lr_schedule = "step"
+        if out.lr_warmup_epochs is None:
+            out.lr_warmup_epochs = 0.0
         out.milestones = tuple(out.milestones)
         return out
 
@@ -130,6 +142,10 @@ class TrainConfig:
             raise CsgguardError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
         if self.schedule not in ("alternate", "joint"):
             raise CsgguardError(f"unknown schedule {self.schedule!r}; choose alternate or joint")
+        if self.lr_schedule not in (None, *LR_SCHEDULES):
+            raise CsgguardError(f"unknown --lr-schedule {self.lr_schedule!r}; choose {' or '.join(LR_SCHEDULES)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise CsgguardError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.density <= 1:
             raise CsgguardError(f"--density must be in (0, 1], got {self.density}")
         if self.period is not None and self.csg_from is not None and not 0 <= self.csg_from < self.period:
@@ -174,7 +190,8 @@ class Trainer:
         self.model = CSGNet(default_model_config(cfg, ds)).to(device)
         if cfg.sync_bn:
             self.model = convert_sync_batchnorm(self.model, device, dist)
-        if device.type == "cuda":
+        self.channels_last = channels_last(device, cfg.amp)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_split = _stage_split(ds.train, device)
         gate_params = [] if self.model.gate is None else [self.model.gate.weight]
@@ -200,10 +217,22 @@ class Trainer:
         self.net = wrap_model(self.model, device, dist, find_unused=self.model.gate is not None)
 
     # ------------------------------------------------------------------ schedule
-    def lr_factor(self, epoch: int) -> float:
-        return self.cfg.gamma ** sum(epoch >= m for m in self.milestones)
+    def lr_factor(self, epoch: float) -> float:
+        """Multiplier of every base learning rate at (fractional) ``epoch``.
 
-    def _set_lr(self, epoch: int) -> None:
+        ``step``: x gamma at each milestone (per epoch). ``cosine``: a linear ramp over
+        ``lr_warmup_epochs``, then half a cosine down to 0 at the last step; it is set
+        every step, so both paths' optimisers follow the one curve.
+        """
+        cfg = self.cfg
+        if cfg.lr_schedule == "cosine":
+            if epoch < cfg.lr_warmup_epochs:
+                return max(epoch, 1e-3) / cfg.lr_warmup_epochs
+            span = max(cfg.epochs - cfg.lr_warmup_epochs, 1e-9)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (epoch - cfg.lr_warmup_epochs) / span)))
+        return cfg.gamma ** sum(int(epoch) >= m for m in self.milestones)
+
+    def _set_lr(self, epoch: float) -> None:
         f = self.lr_factor(epoch)
         for g in self.opt_std.param_groups:
             g["lr"] = self.cfg.lr * f
@@ -234,11 +263,15 @@ class Trainer:
         self._set_lr(epoch)
         model.train()
         total, correct, loss_sum = 0, 0, 0.0
+        steps = max(1, -(-len(self.train_split) // cfg.batch_size))
+        per_step = cfg.lr_schedule == "cosine"
         t0 = time.perf_counter()
-        for x, y, scale, n_global in self._batches():
+        for i, (x, y, scale, n_global) in enumerate(self._batches()):
+            if per_step:
+                self._set_lr(epoch + i / steps)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             loss, logits = self.step(path, x, y, scale=scale)
             loss_sum += float(loss) * len(y)
@@ -293,12 +326,13 @@ class Trainer:
         with autocast(self.device, cfg.amp):
             if path == "std":
                 logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             else:
                 std_logits, csg_logits = net(x, y)
-                loss = F.cross_entropy(csg_logits.float(), y)
+                loss = F.cross_entropy(csg_logits.float(), y, label_smoothing=cfg.label_smoothing)
                 if path == "joint":
-                    loss = F.cross_entropy(std_logits.float(), y) + cfg.joint_weight * loss
+                    loss = F.cross_entropy(std_logits.float(), y, label_smoothing=cfg.label_smoothing) \
+                        + cfg.joint_weight * loss
                 loss = loss + cfg.lam * model.gate.penalty(cfg.density)
                 logits = csg_logits if path == "csg" else std_logits
         grad_loss = loss if scale == 1.0 else loss * scale

@@ -29,13 +29,19 @@ def data_options(f):
 @click.option("--width", type=int, default=None, help="Filters K in the gated layer (backbone default).")
 @click.option("--gate/--no-gate", default=True, show_default=True,
               help="--no-gate trains the STD baseline (same network, STD path only).")
-@click.option("--epochs", type=int, default=None, help="Epochs (default per dataset: digits 30, mnist 6, cifar10 30).")
+@click.option("--epochs", type=int, default=None, help="Epochs (default per dataset: digits 30, mnist 6, cifar10 40).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None)
 @click.option("--lr", type=float, default=None, help="STD-path learning rate.")
 @click.option("--csg-lr", type=float, default=None, help="CSG-path learning rate (network weights).")
 @click.option("--gate-lr", type=float, default=None, help="Learning rate of the gate (Adam).")
 @click.option("--weight-decay", type=float, default=None)
+@click.option("--lr-schedule", type=click.Choice(["step", "cosine"]), default=None,
+              help="step: x0.1 at 40/60/80% of the epochs; cosine: per-step cosine to 0 after a linear "
+                   "warm-up (default per dataset: cifar10 cosine, others step).")
+@click.option("--lr-warmup-epochs", type=float, default=None, help="Linear LR warm-up length (cosine only).")
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True,
+              help="Label smoothing of every cross-entropy (0 keeps logits unsquashed for the detectors).")
 @click.option("--schedule", type=click.Choice(["alternate", "joint"]), default="alternate", show_default=True,
               help="alternate: per-epoch STD/CSG alternation (reference); joint: summed losses every step.")
 @click.option("--warmup", type=int, default=None, help="STD-only epochs before the alternation starts.")
@@ -46,14 +52,15 @@ def data_options(f):
 @click.option("--augment/--no-augment", default=None, help="Random crop + flip (default on for cifar10).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (+ channels-last) where the device runs bf16 natively: CUDA, or a CPU "
+                   "with AVX512-BF16/AMX; a no-op elsewhere.")
 @click.option("--sync-bn", is_flag=True, help="Under torchrun: BatchNorm statistics over the global batch "
                                               "(SyncBatchNorm, CUDA only).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its checkpoint.")
 @format_option()
 @progress_option
 def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, optimizer, lr, csg_lr, gate_lr,
-                  weight_decay, schedule, warmup, period, csg_from, density, lam, augment, seed, device, amp,
+                  weight_decay, lr_schedule, lr_warmup_epochs, label_smoothing, schedule, warmup, period, csg_from, density, lam, augment, seed, device, amp,
                   sync_bn, resume, fmt, progress):
     """Train a CNN with a Class-Specific Gate (or the STD baseline with --no-gate).
 
@@ -70,7 +77,8 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
     """
     cfg = TrainConfig(data=data, data_root=data_root, arch=arch, width=width, gate=gate, epochs=epochs,
                       batch_size=batch_size, optimizer=optimizer, lr=lr, csg_lr=csg_lr, gate_lr=gate_lr,
-                      weight_decay=weight_decay, schedule=schedule, warmup=warmup, period=period,
+                      weight_decay=weight_decay, lr_schedule=lr_schedule, lr_warmup_epochs=lr_warmup_epochs,
+                      label_smoothing=label_smoothing, schedule=schedule, warmup=warmup, period=period,
                       csg_from=csg_from, density=density, lam=lam, augment=augment, seed=seed, device=device,
                       amp=amp, sync_bn=sync_bn)
     result = train(cfg, out, resume=resume, progress=progress, log=log)
