@@ -78,7 +78,16 @@ class Detector:
         self.threshold_ = threshold_at_fpr(scores, self.fpr)
         self.offset_ = self.threshold_
         self.calibration_size_ = n
+        # kept (not saved) so a report can read other operating points off the same calibration
+        self.calibration_scores_ = scores
         return self
+
+    def threshold_at(self, fpr: float) -> float:
+        """The threshold the last :meth:`calibrate` would have chosen for another ``fpr``."""
+        scores = getattr(self, "calibration_scores_", None)
+        if scores is None:
+            raise NotFittedError(f"detector {self.name!r} has no calibration scores (call calibrate)")
+        return threshold_at_fpr(scores, fpr)
 
     # -- scoring ------------------------------------------------------------
     def _check_fitted(self) -> None:
