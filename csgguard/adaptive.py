@@ -110,7 +110,7 @@ def adaptive_pgd(model, x: torch.Tensor, y: torch.Tensor, surrogate: Surrogate, 
         for it in range(steps + 1):
             xa.requires_grad_(True)
             with torch.enable_grad():
-                logits, pooled = model.forward_features(xa)
+                logits, pooled, _ = model.forward_signals(xa)
                 det = surrogate(logits, pooled)
                 z_y = logits.gather(1, yb[:, None])[:, 0]
                 z_other = logits.masked_fill(torch.nn.functional.one_hot(yb, logits.shape[1]).bool(),

@@ -1,7 +1,8 @@
 """Features: what one forward pass yields for the detectors, as numpy arrays.
 
 Detectors never see the model: they see a :class:`Features` (logits, pooled
-gated-layer activations, and the model's gate and classifier, which are constants).
+gated-layer activations, the channel means of a few earlier layers ("taps"), and the
+model's gate and classifier, which are constants).
 That keeps every detector fit/save/load/test-able on arrays alone.
 """
 
@@ -22,6 +23,7 @@ class Features:
     gate: np.ndarray | None       # (K, C) the learnt gate, or None for a STD model
     fc_weight: np.ndarray         # (C, K) classifier weights
     fc_bias: np.ndarray           # (C,)
+    taps: tuple[np.ndarray, ...] = ()  # (N, C_l) channel means of earlier layers, shallow to deep
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
@@ -39,13 +41,15 @@ class Features:
         return int(self.pooled.shape[1])
 
     def subset(self, idx) -> Features:
-        return Features(self.logits[idx], self.pooled[idx], self.gate, self.fc_weight, self.fc_bias)
+        return Features(self.logits[idx], self.pooled[idx], self.gate, self.fc_weight, self.fc_bias,
+                        tuple(t[idx] for t in self.taps))
 
     @staticmethod
     def concat(parts: list[Features]) -> Features:
         p0 = parts[0]
+        taps = tuple(np.concatenate([p.taps[i] for p in parts]) for i in range(len(p0.taps)))
         return Features(np.concatenate([p.logits for p in parts]), np.concatenate([p.pooled for p in parts]),
-                        p0.gate, p0.fc_weight, p0.fc_bias)
+                        p0.gate, p0.fc_weight, p0.fc_bias, taps)
 
     def gated_logits(self) -> np.ndarray:
         """z[n, c]: class c's logit when only c's gate column is open (needs a gate)."""
@@ -62,9 +66,12 @@ def model_constants(model: CSGNet) -> dict[str, np.ndarray | None]:
     }
 
 
-def features_from_outputs(model: CSGNet, logits: torch.Tensor, pooled: torch.Tensor) -> Features:
-    return Features(logits.detach().float().cpu().numpy(), pooled.detach().float().cpu().numpy(),
-                    **model_constants(model))
+def features_from_outputs(model: CSGNet, logits: torch.Tensor, pooled: torch.Tensor,
+                          taps: tuple[torch.Tensor, ...] = ()) -> Features:
+    def arr(t):
+        return t.detach().float().cpu().numpy()
+
+    return Features(arr(logits), arr(pooled), **model_constants(model), taps=tuple(arr(t) for t in taps))
 
 
 @torch.no_grad()
@@ -74,13 +81,12 @@ def extract_features(model: CSGNet, x: torch.Tensor | np.ndarray, *, batch_size:
     x = torch.as_tensor(x, dtype=torch.float32)
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    logits, pooled = [], []
-    for start in range(0, len(x), batch_size):
-        out = model.forward_features(x[start:start + batch_size].to(device, non_blocking=True))
-        logits.append(out.logits.float().cpu())
-        pooled.append(out.pooled.float().cpu())
-    if not logits:
-        k = model.num_filters
-        return Features(np.zeros((0, model.num_classes), np.float32), np.zeros((0, k), np.float32),
-                        **model_constants(model))
-    return features_from_outputs(model, torch.cat(logits), torch.cat(pooled))
+    outs = [model.forward_signals(x[start:start + batch_size].to(device, non_blocking=True))
+            for start in range(0, max(len(x), 1), batch_size)]
+    if not len(x):
+        outs = [model.forward_signals(torch.zeros((1, *x.shape[1:]), device=device))]
+        outs = [type(outs[0])(*(t[:0] for t in outs[0][:2]), tuple(t[:0] for t in outs[0].taps))]
+    return features_from_outputs(model, torch.cat([o.logits.float().cpu() for o in outs]),
+                                 torch.cat([o.pooled.float().cpu() for o in outs]),
+                                 tuple(torch.cat([o.taps[i].float().cpu() for o in outs])
+                                       for i in range(len(outs[0].taps))))

@@ -57,8 +57,8 @@ class Screener:
     def score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(predicted index, softmax confidence, score) for a [0, 1] batch: one forward pass."""
         model = self.loaded.model
-        out = model.forward_features(x.to(self.device, non_blocking=True))
-        feats = features_from_outputs(model, out.logits, out.pooled)
+        out = model.forward_signals(x.to(self.device, non_blocking=True))
+        feats = features_from_outputs(model, out.logits, out.pooled, out.taps)
         inputs = x if self.detector.needs_inputs else None
         scores = self.detector.score_samples(feats, inputs=inputs)
         prob = torch.softmax(out.logits.float(), 1).max(1)

@@ -110,12 +110,12 @@ class MahalanobisDetector(Detector):
         for s in range(0, len(x_all), self.batch_size):
             x = x_all[s:s + self.batch_size].to(device).float().requires_grad_(True)
             with torch.enable_grad():
-                logits, pooled = model.forward_features(x)
+                logits, pooled, _ = model.forward_signals(x)
                 score = self.torch_score(logits, pooled).sum()
                 (grad,) = torch.autograd.grad(score, x)
             x2 = (x - self.noise * grad.sign()).clamp(0, 1).detach()
             with torch.no_grad():
-                out.append(model.forward_features(x2).pooled.double().cpu().numpy())
+                out.append(model.forward_signals(x2).pooled.double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, features.num_filters))
 
     # -- persistence --------------------------------------------------------

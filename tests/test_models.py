@@ -50,7 +50,7 @@ def _net(gate=True, arch="small_cnn", size=8, ch=1):
 def test_one_forward_pass_gives_logits_and_pooled():
     net = _net()
     x = torch.rand(6, 1, 8, 8)
-    out = net.forward_features(x)
+    out = net.forward_signals(x)
     assert out.logits.shape == (6, 10) and out.pooled.shape == (6, net.num_filters)
     assert torch.allclose(out.logits, net(x), atol=1e-6)
     assert float(out.pooled.min().detach()) >= 0  # last conv ends in ReLU
@@ -74,8 +74,14 @@ def test_std_model_has_no_gate():
                                             ("resnet18", 32, 3, 512)])
 def test_backbones_by_name(arch, size, ch, k):
     net = _net(arch=arch, size=size, ch=ch)
-    out = net.forward_features(torch.rand(2, ch, size, size))
+    x = torch.rand(2, ch, size, size)
+    out = net.forward_signals(x)
     assert out.pooled.shape == (2, k)
+    # the taps come from the same pass: the last map is the plain forward's, taps are shallow -> deep
+    assert torch.allclose(out.logits, net(x), atol=1e-5)
+    assert len(out.taps) >= 3 and all(t.shape[0] == 2 and t.dim() == 2 for t in out.taps)
+    widths = [t.shape[1] for t in out.taps]
+    assert widths == sorted(widths) and widths[-1] <= k
     assert set(BACKBONES) >= {"small_cnn", "resnet20", "resnet18", "resnet50"}
 
 

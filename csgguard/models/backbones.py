@@ -2,7 +2,11 @@
 
 Every backbone ends in its last convolution followed by a ReLU, so the pooled
 activations the detectors read are non-negative and comparable across filters.
-Each exposes ``out_channels`` (K).
+Each exposes ``out_channels`` (K) and ``forward_taps(x) -> (feature map, taps)``:
+the channel means of a few earlier layers ("taps", shallow to deep), which the
+detectors read beside the gated layer. Shallow layers see the perturbation itself;
+the gated layer sees the decision (docs/detectors.md). Pooling is taken inside the
+pass, so a tap costs one mean over a map that was computed anyway.
 """
 
 from __future__ import annotations
@@ -65,6 +69,15 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.body(x))
 
+    def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last map, and the channel means after every ReLU of the body."""
+        taps = []
+        for layer in self.body:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                taps.append(x.mean(dim=(2, 3)))
+        return self.last(x), taps
+
 
 @register("small_cnn")
 def small_cnn(*, in_channels: int, input_size: int, width: int | None = None) -> nn.Module:
@@ -110,6 +123,17 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x))
 
+    def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last map, and the channel means of the stem and of every stage but the last
+        (the feature ensemble of Lee et al. 2018, less the gated layer itself)."""
+        x = self.stem(x)
+        taps = [x.mean(dim=(2, 3))]
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i + 1 < len(self.blocks) and self.blocks[i + 1].conv1.stride[0] == 2:
+                taps.append(x.mean(dim=(2, 3)))
+        return x, taps
+
 
 @register("resnet20")
 def resnet20(*, in_channels: int, input_size: int, width: int | None = None) -> nn.Module:
@@ -133,6 +157,15 @@ class _TorchvisionTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+    def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last map, and the channel means after the stem and layers 1-3."""
+        taps = []
+        for i, layer in enumerate(self.body):
+            x = layer(x)
+            if i in (2, 4, 5, 6):  # relu, layer1, layer2, layer3
+                taps.append(x.mean(dim=(2, 3)))
+        return x, taps
 
 
 @register("resnet18")

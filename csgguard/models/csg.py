@@ -19,8 +19,9 @@ from .gate import ClassSpecificGate
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor  # (N, C), STD path (no gate): what the classifier predicts
-    pooled: torch.Tensor  # (N, K), pooled activations of the gated layer
+    logits: torch.Tensor        # (N, C), STD path (no gate): what the classifier predicts
+    pooled: torch.Tensor        # (N, K), pooled activations of the gated layer
+    taps: tuple[torch.Tensor, ...] = ()  # (N, C_l) channel means of earlier layers, shallow to deep
 
 
 @dataclass
@@ -49,8 +50,10 @@ class CSGNet(nn.Module):
     """A CNN whose last conv layer carries a Class-Specific Gate (or none: the STD baseline).
 
     ``model(x)`` returns logits, so foolbox and any PyTorch code can use it as a
-    plain classifier on [0, 1] pixels; ``model.forward_features(x)`` also returns
-    the pooled activations; ``model.forward_csg(x, y)`` is the gated training path.
+    plain classifier on [0, 1] pixels; ``model.forward_signals(x)`` also returns
+    the pooled activations and the earlier layers' taps (everything a detector reads,
+    from the one pass that classifies; unlike timm's ``forward_features`` it returns no
+    feature map); ``model.forward_csg(x, y)`` is the gated training path.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -78,9 +81,11 @@ class CSGNet(nn.Module):
         fmap = self.backbone((x - self.mean) / self.std)
         return fmap.mean(dim=(2, 3))
 
-    def forward_features(self, x: torch.Tensor) -> ModelOutput:
-        a = self.pooled(x)
-        return ModelOutput(self.fc(a), a)
+    def forward_signals(self, x: torch.Tensor) -> ModelOutput:
+        """Logits, pooled gated-layer activations and the taps, from one backbone pass."""
+        fmap, taps = self.backbone.forward_taps((x - self.mean) / self.std)
+        a = fmap.mean(dim=(2, 3))
+        return ModelOutput(self.fc(a), a, tuple(taps))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
         """Logits for ``x``; with labels ``y``, (STD logits, CSG logits) as :meth:`forward_both`.

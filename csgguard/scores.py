@@ -1,0 +1,241 @@
+"""The gate-pattern detection statistics, written once, in torch (float64).
+
+Everything that scores an input with the ``csg-clean`` / ``csg-supervised`` statistics
+calls this module: the detectors (numpy in, numpy out, through :func:`score_numpy`),
+the adaptive attack (which differentiates the very same function), and every study
+script. There is no second copy to drift out of step.
+
+The statistics of one forward pass (``logits``, ``pooled`` gated-layer activations,
+``taps`` = channel means of earlier layers), each a *component*:
+
+``tap<i>``   log class-conditional Mahalanobis distance of tap i to the predicted
+             class's clean mean (tied Ledoit-Wolf covariance; Lee et al. 2018's
+             feature ensemble). Shallow layers see the perturbation itself, so they
+             keep seeing it as the budget grows.
+``pattern``  log Mahalanobis distance of the pooled gated-layer activations to the
+             predicted class's clean pattern, one covariance per class: is this the
+             way class c's filters fire?
+``mismatch`` share of activation mass on filters whose gate is closed for the
+             predicted class (a pseudo-gate from class means on a STD model).
+``margin``   log of the top-1 minus top-2 logit: small on a decision boundary (where
+             minimum-norm attacks stop), large for an over-confident input.
+``norm``     log L2 norm of the pooled activations.
+
+``margin``, ``norm`` and ``mismatch`` are read two-sided: an input can be atypical in
+either direction (a strong attack makes the pattern *more* concentrated on the
+predicted class than a clean input's, so "more mismatch = adversarial" points the
+wrong way). The distances are one-sided: only a large distance is atypical.
+
+Combining: each component is standardised per predicted class with clean means and
+standard deviations measured *out of fold* (statistics fitted on one half of the clean
+fit images, components read on the other, and vice versa), so a held-out clean input
+gets z-scores near N(0, 1) even where in-sample distances would be optimistic.
+``max`` takes the largest (signed or absolute) z; ``density`` the Mahalanobis
+distance of the component vector to the predicted class's clean mean (Ledoit-Wolf).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .errors import CsgguardError
+
+#: the component families, in the order a vector of them is laid out (taps expand to tap0, tap1, ...)
+COMPONENTS = ("taps", "pattern", "mismatch", "margin", "norm")
+#: components atypical in both directions
+TWO_SIDED = ("mismatch", "margin", "norm")
+COMBINERS = ("max", "density")
+#: above this many filters one tied covariance replaces the per-class ones (memory: C * K * K floats)
+PER_CLASS_MAX_K = 512
+_EPS = 1e-12
+_MARGIN_FLOOR = 1e-6
+
+
+def parse_components(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"taps,pattern"`` or a sequence -> a validated tuple of component families, in canonical order."""
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    names = [n for n in names if n]
+    bad = [n for n in names if n not in COMPONENTS]
+    if bad or not names:
+        raise CsgguardError(f"unknown detector component {bad[0] if bad else '(none)'!r}; "
+                            f"choose from {', '.join(COMPONENTS)}")
+    return tuple(c for c in COMPONENTS if c in names)
+
+
+def expand(components: Sequence[str], n_taps: int) -> list[str]:
+    """Component families -> the names of the vector's columns (``taps`` -> tap0 .. tap{n-1})."""
+    out: list[str] = []
+    for c in components:
+        out += [f"tap{i}" for i in range(n_taps)] if c == "taps" else [c]
+    return out
+
+
+# ----------------------------------------------------------------------------- torch maths
+
+def quad(r: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``r P r^T``. A lone row is computed inside a two-row product, so that a
+    score never depends on how many other inputs share its batch (gemv vs gemm order)."""
+    if r.shape[0] == 1:
+        return quad(torch.cat([r, r]), precision)[:1]
+    return ((r @ precision) * r).sum(1)
+
+
+def class_quad(r: torch.Tensor, pred: torch.Tensor, precisions: torch.Tensor) -> torch.Tensor:
+    """``quad`` with the predicted class's own precision (``precisions``: (C, K, K), or (1, K, K) tied)."""
+    if precisions.shape[0] == 1:
+        return quad(r, precisions[0])
+    out = torch.zeros(len(r), dtype=r.dtype, device=r.device)
+    for c in torch.unique(pred).tolist():
+        rows = pred == c
+        out = out.index_put((rows,), quad(r[rows], precisions[c]))
+    return out
+
+
+def component_matrix(arrays: dict[str, torch.Tensor], components: Sequence[str], logits: torch.Tensor,
+                     pooled: torch.Tensor, taps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N, M) raw component values (before standardisation), float64, differentiable."""
+    logits, pooled = logits.double(), pooled.double()
+    pred = logits.argmax(1)
+    cols: list[torch.Tensor] = []
+    for c in components:
+        if c == "taps":
+            n_taps = int(arrays["n_taps"].item())
+            if len(taps) < n_taps:
+                raise CsgguardError(f"the detector reads {n_taps} taps but the features carry {len(taps)} "
+                                    "(features from an older csgguard or another model?)")
+            for i in range(n_taps):
+                r = taps[i].double() - arrays[f"tap_means_{i}"][pred]
+                cols.append(torch.log(quad(r, arrays[f"tap_precision_{i}"]) + _EPS))
+        elif c == "pattern":
+            r = pooled - arrays["means_"][pred]
+            cols.append(torch.log(class_quad(r, pred, arrays["class_precision_"]) + _EPS))
+        elif c == "mismatch":
+            a = pooled.abs()
+            closed = 1.0 - arrays["gate_"].t()[pred]
+            cols.append((a * closed).sum(1) / a.sum(1).clamp_min(_EPS))
+        elif c == "margin":
+            if logits.shape[1] < 2:
+                cols.append(torch.zeros(len(logits), dtype=logits.dtype, device=logits.device))
+            else:
+                top2 = logits.topk(2, dim=1).values
+                cols.append(torch.log(top2[:, 0] - top2[:, 1] + _MARGIN_FLOOR))
+        elif c == "norm":
+            cols.append(torch.log(pooled.norm(dim=1) + _EPS))
+        else:  # parse_components guards every public entry
+            raise CsgguardError(f"unknown detector component {c!r}")
+    return torch.stack(cols, 1)
+
+
+def standardised(arrays: dict[str, torch.Tensor], names: Sequence[str], v: torch.Tensor,
+                 pred: torch.Tensor) -> torch.Tensor:
+    """Per-class clean z-scores, two-sided columns folded to |z|."""
+    z = (v - arrays["comp_mean_"][pred]) / arrays["comp_std_"][pred]
+    two = torch.tensor([n in TWO_SIDED for n in names], device=z.device)
+    return torch.where(two, z.abs(), z)
+
+
+def score(arrays: dict[str, torch.Tensor], components: Sequence[str], combine: str, logits: torch.Tensor,
+          pooled: torch.Tensor, taps: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """The ``csg-clean`` score (higher = more adversarial), float64, differentiable in the inputs."""
+    v = component_matrix(arrays, components, logits, pooled, taps)
+    pred = logits.argmax(1)
+    names = expand(components, int(arrays["n_taps"].item()) if "taps" in components else 0)
+    if combine == "max":
+        return standardised(arrays, names, v, pred).max(1).values
+    if combine == "density":
+        return quad(v - arrays["comp_mean_"][pred], arrays["comp_precision_"])
+    raise CsgguardError(f"unknown combine {combine!r}; choose from {', '.join(COMBINERS)}")
+
+
+# ----------------------------------------------------------------------------- numpy glue + fitting
+
+def to_torch(arrays: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v), dtype=torch.float64, device=device) for k, v in arrays.items()}
+
+
+def _inputs(features) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    return (torch.from_numpy(np.asarray(features.logits, dtype=np.float64)),
+            torch.from_numpy(np.asarray(features.pooled, dtype=np.float64)),
+            [torch.from_numpy(np.asarray(t, dtype=np.float64)) for t in features.taps])
+
+
+@torch.no_grad()
+def components_numpy(arrays_t: dict[str, torch.Tensor], components: Sequence[str], features) -> np.ndarray:
+    logits, pooled, taps = _inputs(features)
+    return component_matrix(arrays_t, components, logits, pooled, taps).numpy()
+
+
+@torch.no_grad()
+def score_numpy(arrays_t: dict[str, torch.Tensor], components: Sequence[str], combine: str, features) -> np.ndarray:
+    logits, pooled, taps = _inputs(features)
+    return score(arrays_t, components, combine, logits, pooled, taps).numpy()
+
+
+def shrunk_precision(residuals: np.ndarray) -> np.ndarray:
+    """Ledoit-Wolf shrunk inverse covariance: stable with fewer samples than dimensions."""
+    from sklearn.covariance import LedoitWolf
+
+    if len(residuals) < 2:
+        return np.eye(residuals.shape[1])
+    return LedoitWolf(assume_centered=True).fit(residuals).precision_
+
+
+def class_means(x: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, D) mean per predicted class (the overall mean for a class with no sample)."""
+    return np.stack([x[pred == c].mean(0) if np.any(pred == c) else x.mean(0) for c in range(num_classes)])
+
+
+def pseudo_gate(pooled: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """A gate for a model without one: per-class mean |activation|, each filter's row max-normalised
+    (the normalisation the CSG gate receives after every step), so ``mismatch`` means the same on both."""
+    means = class_means(np.abs(np.asarray(pooled, dtype=np.float64)), pred, num_classes).T  # (K, C)
+    return np.clip(means / np.maximum(means.max(1, keepdims=True), _EPS), 0.0, 1.0)
+
+
+def fit_statistics(features, gate: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class clean statistics of the pattern and the taps (everything but the combiner)."""
+    pred, c_num = features.pred, features.num_classes
+    a = np.asarray(features.pooled, dtype=np.float64)
+    means = class_means(a, pred, c_num)
+    r = a - means[pred]
+    if a.shape[1] <= PER_CLASS_MAX_K:
+        tied = shrunk_precision(r)
+        prec = np.stack([shrunk_precision(r[pred == c]) if np.sum(pred == c) > 2 else tied for c in range(c_num)])
+    else:
+        prec = shrunk_precision(r)[None]
+    out = {"gate_": np.asarray(gate, dtype=np.float64), "means_": means, "class_precision_": prec,
+           "n_taps": np.asarray(len(features.taps), dtype=np.float64)}
+    for i, t in enumerate(features.taps):
+        t = np.asarray(t, dtype=np.float64)
+        m = class_means(t, pred, c_num)
+        out[f"tap_means_{i}"] = m
+        out[f"tap_precision_{i}"] = shrunk_precision(t - m[pred])
+    return out
+
+
+def fit_profile(features, gate: np.ndarray, components: Sequence[str], *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fit every array :func:`score` needs, from clean features (see the module docstring).
+
+    The combiner's per-class means / standard deviations (and the density's covariance)
+    are measured out of fold: two halves, statistics from one, components on the other.
+    """
+    n = len(features)
+    if n < 4:
+        raise CsgguardError(f"{n} clean images are too few to fit the detector (need at least 4)")
+    pred, c_num = features.pred, features.num_classes
+    arrays = fit_statistics(features, gate)
+    order = np.random.default_rng(seed).permutation(n)
+    halves = (order[: n // 2], order[n // 2:])
+    v = np.empty((n, len(expand(components, len(features.taps)))), dtype=np.float64)
+    for fit_rows, read_rows in (halves, halves[::-1]):
+        part = to_torch(fit_statistics(features.subset(fit_rows), gate))
+        v[read_rows] = components_numpy(part, components, features.subset(read_rows))
+    mean = class_means(v, pred, c_num)
+    std = np.stack([v[pred == c].std(0) if np.sum(pred == c) > 1 else v.std(0) for c in range(c_num)])
+    arrays["comp_mean_"] = mean
+    arrays["comp_std_"] = np.maximum(std, 1e-6)
+    arrays["comp_precision_"] = shrunk_precision(v - mean[pred])
+    return arrays
