@@ -56,12 +56,14 @@ def data_options(f):
                    "with AVX512-BF16/AMX; a no-op elsewhere.")
 @click.option("--sync-bn", is_flag=True, help="Under torchrun: BatchNorm statistics over the global batch "
                                               "(SyncBatchNorm, CUDA only).")
+@click.option("--train-limit", type=int, default=None,
+              help="Train on the first N training images only (smoke runs, dry runs of a recipe).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its checkpoint.")
 @format_option()
 @progress_option
 def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, optimizer, lr, csg_lr, gate_lr,
                   weight_decay, lr_schedule, lr_warmup_epochs, label_smoothing, schedule, warmup, period, csg_from, density, lam, augment, seed, device, amp,
-                  sync_bn, resume, fmt, progress):
+                  sync_bn, train_limit, resume, fmt, progress):
     """Train a CNN with a Class-Specific Gate (or the STD baseline with --no-gate).
 
     \b
@@ -80,7 +82,7 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
                       weight_decay=weight_decay, lr_schedule=lr_schedule, lr_warmup_epochs=lr_warmup_epochs,
                       label_smoothing=label_smoothing, schedule=schedule, warmup=warmup, period=period,
                       csg_from=csg_from, density=density, lam=lam, augment=augment, seed=seed, device=device,
-                      amp=amp, sync_bn=sync_bn)
+                      amp=amp, sync_bn=sync_bn, train_limit=train_limit)
     result = train(cfg, out, resume=resume, progress=progress, log=log)
     if not is_main_process():  # under torchrun only rank 0 reports (and wrote the run directory)
         return
