@@ -29,22 +29,23 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r csgguard /tmp/pkg/ && cp -r attacks /tmp/pkg/csgguard/attacks \
   && cp -r detectors /tmp/pkg/csgguard/detectors || exit 1
+# -P below: the checkout's own csgguard/ (no attacks/ inside) must not shadow the assembled one
 export PYTHONPATH=/tmp/pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
-  $PY -c "import torch, foolbox, csgguard, csgguard.attacks, csgguard.detectors; print('torch', torch.__version__, \
+  $PY -P -c "import torch, foolbox, csgguard, csgguard.attacks, csgguard.detectors; print('torch', torch.__version__, \
 '| cuda', torch.version.cuda, '|', torch.cuda.is_available() and torch.cuda.get_device_name(), \
 '| foolbox', foolbox.__version__, '| csgguard', csgguard.__file__)" || exit 1
   nproc; free -g | head -2
   # decode the JPEG tarballs once into the cache, so the two trainings below only read it
-  $PY -c "from csgguard import load_dataset; d = load_dataset('cifar10', '$DATA'); print('cifar10', len(d.train), len(d.val), len(d.test))"
+  $PY -P -c "from csgguard import load_dataset; d = load_dataset('cifar10', '$DATA'); print('cifar10', len(d.train), len(d.val), len(d.test))"
 } 2>&1 | tee "$OUT/gpu.txt"
 
 # 2. the shipped recipe, CSG and STD side by side (one small network leaves the GPU mostly idle)
 for kind in csg std; do
   flag=$([ $kind = std ] && echo --no-gate || echo --gate)
-  timeout 400 $PY -m csgguard train --data cifar10 --data-root "$DATA" --device "$DEVICE" $flag $TRAIN_EXTRA \
+  timeout 400 $PY -P -m csgguard train --data cifar10 --data-root "$DATA" --device "$DEVICE" $flag $TRAIN_EXTRA \
     --out $RUNS/cifar10-resnet20-$kind --format json --no-progress > "$OUT/train_$kind.json" 2> "$OUT/train_$kind.log" &
 done
 wait
