@@ -251,7 +251,9 @@ def _decode(data: bytes, name: str, mode: str | None, size: int | None) -> np.nd
             arr = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{name}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    # contiguous CHW: np.stack keeps a transposed view's memory order, and raw-buffer writers
+    # (the safetensors cache) would then store the pixels scrambled
+    return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
 
 
 def _decode_many(items: list[tuple[str, bytes, int]], mode: str | None, size: int | None
@@ -324,7 +326,8 @@ def _cached_decode(key_paths: list[Path], build, tag: str):
 
     from .artifacts import atomic_write_bytes
 
-    h = hashlib.sha256(tag.encode())
+    # "v2": entries written before arrays were made contiguous hold scrambled pixels; never reuse them
+    h = hashlib.sha256(f"v2|{tag}".encode())
     for p in key_paths:
         st = p.stat()
         h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -337,7 +340,7 @@ def _cached_decode(key_paths: list[Path], build, tag: str):
         except Exception:  # a damaged cache entry is rebuilt, never trusted
             cache.unlink(missing_ok=True)
     classes, arrays = build()
-    payload = dict(arrays)
+    payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     payload["classes"] = np.frombuffer("\n".join(classes).encode(), dtype=np.uint8).copy()
     try:
         atomic_write_bytes(cache, st_save_np(payload))
