@@ -122,9 +122,9 @@ def detector_bases(detectors: Sequence[str], params: dict[str, dict[str, Any]]) 
 def _check_request(attacks, detectors, supervised_on, fpr, params) -> dict[str, str]:
     if not attacks or not detectors:
         raise CsgguardError("give at least one attack and one detector")
-    check_attack_names(attacks)
+    build_cells(check_attack_names(attacks), (), ())  # names and explicit NAME@BUDGET ranges, before any work
     bases = detector_bases(detectors, params)
-    check_attack_names(supervised_on, "--supervised-on attack")
+    build_cells(check_attack_names(supervised_on, "--supervised-on attack"), (), ())
     if not 0 < fpr < 0.5:
         raise CsgguardError(f"--fpr must be in (0, 0.5), got {fpr:g}")
     return bases

@@ -259,30 +259,35 @@ def reference_budget(budgets: list[float], default: float | None) -> float:
     return budgets[(len(budgets) - 1) // 2]
 
 
-def write_curve_plots(report: dict[str, Any], out: Path) -> list[Path]:
-    """curve_<attack>.png: detection rate at the fixed threshold vs budget, one line per detector and model."""
+def curve_figure(report: dict[str, Any], attack: str):
+    """The robustness curve of one swept attack: detection rate at each detector's fixed threshold vs
+    budget, one line per detector and model (CSG solid, STD dashed). A :class:`~matplotlib.figure.Figure`."""
     from matplotlib.figure import Figure
 
-    paths = []
-    for a, norm, budgets in _budgeted_attacks(report):
-        fig = Figure(figsize=(6, 4.5))
-        ax = fig.subplots()
-        for c in report.get("sweep", []):
-            if c["attack"] != a:
-                continue
-            pts = [(e, r) for e, r in zip(c["eps"], c["detection_rate"], strict=True) if r is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", **_style(report, c["model"], c["detector"]),
-                        label=f"{c['model'].upper()} {c['detector']}")
-        ax.set_xticks(budgets, [format_eps(b) for b in budgets])
-        ax.set_ylim(-0.02, 1.02)
-        ax.set(xlabel=f"{'Linf' if norm == 'linf' else 'L2'} budget", ylabel="detection rate at fixed threshold",
-               title=f"Robustness curve: {a} (target FPR {report['settings']['fpr']:g})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
-        fig.tight_layout()
-        paths.append(atomic_write_bytes(out / f"curve_{a}.png", _png(fig)))
-    return paths
+    norm, budgets = next((n, b) for a, n, b in _budgeted_attacks(report) if a == attack)
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    for c in report.get("sweep", []):
+        if c["attack"] != attack:
+            continue
+        pts = [(e, r) for e, r in zip(c["eps"], c["detection_rate"], strict=True) if r is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", **_style(report, c["model"], c["detector"]),
+                    label=f"{c['model'].upper()} {c['detector']}")
+    ax.set_xticks(budgets, [format_eps(b) for b in budgets])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set(xlabel=f"{'Linf' if norm == 'linf' else 'L2'} budget", ylabel="detection rate at fixed threshold",
+           title=f"Robustness curve: {attack} (target FPR {report['settings']['fpr']:g})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def write_curve_plots(report: dict[str, Any], out: Path) -> list[Path]:
+    """curve_<attack>.png for every swept attack (the adaptive one included)."""
+    return [atomic_write_bytes(out / f"curve_{a}.png", _png(curve_figure(report, a)))
+            for a, _, _ in _budgeted_attacks(report)]
 
 
 def write_roc_plots(report: dict[str, Any], out: Path) -> list[Path]:
