@@ -292,7 +292,7 @@ def _evaluate_model(h: _Harness, cells: list[Cell], fit_cells: list[Cell], detec
     out["attacks"] = {cid: _counts(r, by_id[cid]) for cid, r in adv_eval.items()}
     out["attacks_fit"] = {c.id: _counts(adv_fit[c.id], c) for c in fit_cells}
     combined_fit = _combine(list(adv_fit.values()))
-    seen_ids = set(adv_fit) if combined_fit is not None else set()
+    seen_ids = {cid for cid, r in adv_fit.items() if r["succeeded"]}
 
     x_eval = h.data["evaluation"][0]
     fitted = {}

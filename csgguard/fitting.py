@@ -103,14 +103,15 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
     if limit is not None and limit < 1:
         raise CsgguardError(f"--limit must be >= 1, got {limit}")
     cls = detector_class(detector)
+    # the whole request is checked before any work (even what only a supervised detector would use)
     linf_req, l2_req = parse_budget_list(eps, "--eps"), parse_budget_list(l2_eps, "--l2-eps")
-    if cls.supervised:
+    if linf_req is not None:
+        check_budgets(linf_req, "linf")
+    if l2_req is not None:
+        check_budgets(l2_req, "l2")
+    if cls.supervised or any(str(a).strip() for a in attacks):
         attacks = check_attack_names((a for a in attacks if str(a).strip()), "attack")
-        build_cells(attacks, (), ())  # explicit NAME@BUDGET ranges, before any work
-        if linf_req is not None:
-            check_budgets(linf_req, "linf")
-        if l2_req is not None:
-            check_budgets(l2_req, "l2")
+        build_cells(attacks, (), ())  # explicit NAME@BUDGET ranges
     log = log or (lambda _msg: None)
     start = time.perf_counter()
     dev = select_device(device)

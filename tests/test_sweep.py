@@ -285,6 +285,7 @@ def test_evaluate_bad_sweep(digits_csg_run, tmp_path, no_work, args, msg):
 
 @pytest.mark.parametrize("args,msg", [
     (["--eps", "2"], "--eps 2 is outside (0, 1]"),
+    (["--detector", "csg-clean", "--eps", "2"], "--eps 2 is outside (0, 1]"),
     (["--l2-eps=-0.5"], "--l2-eps -0.5 must be > 0"),
     (["--attacks", "fgsm,zap"], "unknown attack 'zap'"),
 ])
