@@ -357,7 +357,8 @@ def sweep_curves(rows: list[dict[str, Any]], tol: float = MONOTONE_TOLERANCE) ->
         rates = [r["tpr_at_target_fpr"] for r in rs]
         known = [v for v in aurocs if v is not None]
         out.append({"model": m, "detector": d, "attack": a, "norm": rs[0]["norm"], "eps": [r["eps"] for r in rs],
-                    "auroc": aurocs, "detection_rate": rates, "worst_auroc": min(known) if known else None,
+                    "auroc": aurocs, "detection_rate": rates, "n_adv_eval": [r["n_adv_eval"] for r in rs],
+                    "worst_auroc": min(known) if known else None,
                     "violations": monotonicity_violations(list(zip([r["eps"] for r in rs], rates, strict=True)),
                                                           tol)})
     return out
