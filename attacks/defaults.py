@@ -4,6 +4,7 @@ Budgets are in [0, 1] pixel units (8/255 is not 8/256). The digits and MNIST
 defaults sit in the range where detection is informative (the method notes: at
 Linf 0.3 every detector saturates); CIFAR-10 uses the usual 8/255 and L2 0.5.
 digits images are 8x8, so their L2 budget is smaller than MNIST's 28x28.
+:data:`DEFAULT_SWEEP` holds the budgets a sweep (``csgguard evaluate``) runs by default.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ DEFAULT_EPS: dict[str, dict[str, float]] = {
 }
 
 
+#: the budgets ``csgguard evaluate`` (and a supervised ``csgguard fit``) sweeps by default, per norm.
+#: MNIST's range spans the informative small budgets up to the saturating 0.3; digits images are
+#: 8x8, so their L2 budgets stay below MNIST's; CIFAR-10 follows the usual 2/255 .. 16/255.
+DEFAULT_SWEEP: dict[str, dict[str, tuple[float, ...]]] = {
+    "digits": {"linf": (0.05, 0.1, 0.2, 0.3), "l2": (0.5, 1.0, 1.5)},
+    "mnist": {"linf": (0.05, 0.1, 0.2, 0.3), "l2": (0.5, 1.0, 2.0)},
+    "cifar10": {"linf": (2 / 255, 4 / 255, 8 / 255, 16 / 255), "l2": (0.25, 0.5, 1.0)},
+}
+
+
 def dataset_family(dataset: str | None, shape: tuple[int, ...]) -> str:
     """The defaults table to use: the dataset's own name, else a guess from the image shape."""
     if dataset in DEFAULT_EPS:
@@ -35,6 +46,10 @@ def dataset_family(dataset: str | None, shape: tuple[int, ...]) -> str:
 
 def default_eps(norm: str, dataset: str | None, shape: tuple[int, ...]) -> float:
     return DEFAULT_EPS[dataset_family(dataset, shape)][norm]
+
+
+def default_sweep(norm: str, dataset: str | None, shape: tuple[int, ...]) -> tuple[float, ...]:
+    return DEFAULT_SWEEP[dataset_family(dataset, shape)][norm]
 
 
 def check_norm(norm: str, allowed: tuple[str, ...], attack: str) -> str:

@@ -97,7 +97,7 @@ def main() -> None:
     print(f"\nmachine: {m['platform']}, {m['cpu_count']} CPUs, device {m['device']} {m.get('gpu', '')}, "
           f"torch {m['torch']}, threads {torch.get_num_threads()}")
     print(f"data: {rep['data']['dataset']} ({rep['data']['source']}), test images {rep['data']['test_images']}, "
-          f"splits {rep['split_sizes']}; eps {rep['settings']['eps']:.4g}; "
+          f"splits {rep['split_sizes']}; Linf eps {', '.join(f'{e:.4g}' for e in rep['settings']['eps'])}; "
           f"{'REDUCED run' if plan != PLANS[args.data][0] else 'full run'} ({plan['epochs']} epochs)")
     for label, info in rep["models"].items():
         print(f"model {label}: accuracy {info['accuracy_evaluation_split']:.4f}, gate density {info['gate_density']}")

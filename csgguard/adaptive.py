@@ -172,7 +172,7 @@ def adaptive_attack(model, x: torch.Tensor, y: torch.Tensor, detector, *, eps: f
 
 def adaptive_rows(h, fitted: dict[str, Any]) -> list[dict[str, Any]]:
     """Attack h.model + its fitted csg-clean detector; score the examples with every detector."""
-    from .evaluate import metrics_row
+    from .metrics import metrics_row
 
     s = h.s
     model = h.model

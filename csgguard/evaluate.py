@@ -1,23 +1,34 @@
-"""The honest detection benchmark (method.md section 4), one call per report.
+"""The honest detection benchmark (method.md section 4), one call per report, swept over budgets.
 
 Protocol, in the order it runs:
 
 1. The test split (optionally ``limit`` images of it) is divided once, from ``seed``,
    into three disjoint parts: *fit* (detectors learn here; supervised detectors also
-   see the ``supervised_on`` attack of these images), *calibration* (clean only: the
+   see the ``supervised_on`` attacks of these images), *calibration* (clean only: the
    thresholds) and *evaluation* (every reported number). The same images serve every
-   detector, attack and model; their dataset indices go into the report.
-2. Each attack runs on every image; only images the model classifies correctly are
-   attacked, and only successful adversarial examples are counted as positives.
-3. Each detector's threshold is chosen once on the clean calibration scores for the
-   target ``fpr`` and then used unchanged for every attack. Negatives are *all* clean
-   evaluation images (misclassified ones included: a deployed detector sees them too).
-4. Reported per model x detector x attack: AUROC, TPR at 5% and 1% FPR (thresholds
-   from calibration), realised FPR on the evaluation split, attack success rate,
-   counts, ROC points, and whether the attack was seen at fit time.
-5. The STD twin (``compare_run``) goes through the very same steps on the same images.
-6. Adaptive attack (:mod:`csgguard.adaptive`): PGD on classification loss plus the
-   differentiable gate-clean score, same eps, judged at the same fixed threshold.
+   detector, attack, budget and model; their dataset indices go into the report.
+2. The attacks run as a sweep (:mod:`csgguard.sweep`): every budgeted attack at every
+   budget of its norm (``eps`` for Linf fgsm / pgd / bim, ``l2_eps`` for pgd-l2 /
+   bim-l2; per-dataset defaults in ``csgguard.attacks.defaults.DEFAULT_SWEEP``), the
+   minimum-norm attacks (cw, deepfool) once. Only images the model classifies correctly
+   are attacked, and only successful adversarial examples that the model really
+   mispredicts are counted as positives.
+3. Each detector is calibrated once, by :meth:`Detector.calibrate` (the very call
+   ``csgguard fit`` makes), on *every* clean calibration image (misclassified ones
+   included: screening cannot know which those are), for the target ``fpr``; the 5% and
+   1% operating points come from the same calibration scores (``threshold_at``). The
+   thresholds are then used unchanged for every attack and budget. Negatives are *all*
+   clean evaluation images.
+4. Reported per model x detector x attack x budget: AUROC, TPR at the target, 5% and
+   1% FPR thresholds, realised FPR on the evaluation split, attack success rate,
+   counts, ROC points, and whether the cell was seen at fit time.
+5. Supervised detectors are fitted on all ``supervised_on`` cells together (default
+   fgsm + pgd at every Linf budget); the ``cross_fit`` detectors are also fitted on one
+   fit cell at a time and tested on every cell (the fit-on-each / test-on-each matrix).
+6. The STD twin (``compare_run``) goes through the very same steps on the same images.
+7. Adaptive attack (:func:`csgguard.adaptive.adaptive_attack`) at every Linf budget,
+   against the fitted ``csg-clean`` at its fixed threshold; its examples are scored by
+   every detector like any other attack.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +48,29 @@ from .detectors import DETECTORS, build_detector, detector_class
 from .devices import select_device
 from .errors import CsgguardError
 from .features import Features, extract_features
-from .metrics import accuracy, auroc, roc_points, threshold_at_fpr, tpr_at_threshold
+from .metrics import accuracy, metrics_row, monotonicity_violations
 from .models.store import LoadedModel, load_model
 from .progress import log, make_progress
+from .sweep import (
+    SWEEP_ATTACKS,
+    Cell,
+    build_cells,
+    check_attack_names,
+    check_budgets,
+    format_eps,
+    parse_budget_list,
+    resolve_budgets,
+)
 
-ATTACKS = ("fgsm", "pgd", "bim", "cw", "deepfool")
-EPS_ATTACKS = ("fgsm", "pgd", "bim")  # budgeted attacks; cw / deepfool minimise the norm
-DEFAULT_ATTACKS = ("fgsm", "pgd", "cw", "deepfool")
+ATTACKS = tuple(SWEEP_ATTACKS)
+EPS_ATTACKS = tuple(a for a, (_, norm) in SWEEP_ATTACKS.items() if norm is not None)
+DEFAULT_ATTACKS = ("fgsm", "pgd", "bim", "pgd-l2", "cw", "deepfool")
 DEFAULT_DETECTORS = ("csg-clean", "csg-supervised", "mahalanobis", "lid", "kd-bu", "feature-squeezing")
+DEFAULT_SUPERVISED_ON = ("fgsm", "pgd")
+ADAPTIVE = "adaptive-pgd"
+ADAPTIVE_TARGET = "csg-clean"
 SPLIT_NAMES = ("fit", "calibration", "evaluation")
+MONOTONE_TOLERANCE = 0.03
 
 
 def run_attack(model, x, y, method, **kw):
@@ -79,19 +105,29 @@ def _check_sizes(splits: dict[str, np.ndarray], fpr: float) -> None:
         raise CsgguardError(f"{len(splits['fit'])} fit images are too few to fit detectors (need at least 10)")
 
 
-def _check_names(attacks, detectors, supervised_on, fpr) -> None:
-    bad = [a for a in attacks if a not in ATTACKS]
-    if bad:
-        raise CsgguardError(f"unknown attack {bad[0]!r}; choose from {', '.join(ATTACKS)}")
-    bad = [d for d in detectors if d not in DETECTORS]
-    if bad:
-        raise CsgguardError(f"unknown detector {bad[0]!r}; choose from {', '.join(DETECTORS)}")
-    if supervised_on not in ATTACKS:
-        raise CsgguardError(f"unknown --supervised-on attack {supervised_on!r}; choose from {', '.join(ATTACKS)}")
+def detector_bases(detectors: Sequence[str], params: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """label -> registered detector name. A label that is not a registered name is a *variant*:
+    its ``detector_params`` entry names the detector, e.g. ``{"csg-first": {"detector": "csg-clean", ...}}``."""
+    out = {}
+    for d in detectors:
+        base = params.get(d, {}).get("detector", d)
+        if base not in DETECTORS:
+            hint = "" if d == base else f" (variant {d!r})"
+            raise CsgguardError(f"unknown detector {base!r}{hint}; choose from {', '.join(DETECTORS)} or give "
+                                "a variant's base in --detector-params as {\"NAME\": {\"detector\": \"csg-clean\"}}")
+        out[d] = base
+    return out
+
+
+def _check_request(attacks, detectors, supervised_on, fpr, params) -> dict[str, str]:
     if not attacks or not detectors:
         raise CsgguardError("give at least one attack and one detector")
+    build_cells(check_attack_names(attacks), (), ())  # names and explicit NAME@BUDGET ranges, before any work
+    bases = detector_bases(detectors, params)
+    build_cells(check_attack_names(supervised_on, "--supervised-on attack"), (), ())
     if not 0 < fpr < 0.5:
         raise CsgguardError(f"--fpr must be in (0, 0.5), got {fpr:g}")
+    return bases
 
 
 def check_compatible(a: LoadedModel, b: LoadedModel) -> None:
@@ -104,7 +140,21 @@ def check_compatible(a: LoadedModel, b: LoadedModel) -> None:
                             f"{a.run_dir} takes {shape(a)}; both runs must share the input shape")
 
 
+def _names(value: str | Sequence[str] | None, default: Sequence[str]) -> tuple[str, ...]:
+    if value is None:
+        return tuple(default)
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(str(v).strip() for v in items if str(v).strip())
+
+
 # ----------------------------------------------------------------------------- per model
+
+def _counts(r: dict[str, Any], cell: Cell | None = None) -> dict[str, Any]:
+    out = {k: r[k] for k in ("attacked", "succeeded", "success_rate", "seconds")}
+    if cell is not None:
+        out.update(attack=cell.attack, norm=cell.norm, eps=cell.eps)
+    return out
+
 
 class _Harness:
     """Everything one model goes through: features, attacks, detectors, metrics."""
@@ -117,45 +167,64 @@ class _Harness:
         self.seconds: dict[str, float] = {}
         self.errors: list[str] = []
 
-    def attack(self, method: str, split: str) -> dict[str, Any]:
+    def attack(self, cell: Cell, split: str) -> dict[str, Any]:
         x, y = self.data[split]
+        settings = {**self.s["attack_settings"].get(cell.method, {}), **self.s["attack_settings"].get(cell.attack, {})}
         kw = dict(seed=self.s["seed"], device=self.device, batch_size=self.s["batch_size"], progress=False,
-                  dataset=self.s["dataset"], **self.s["attack_settings"].get(method, {}))
-        if method in EPS_ATTACKS:
-            kw["eps"] = self.s["eps"]
+                  dataset=self.s["dataset"], **settings)
+        if cell.eps is not None:
+            kw.update(eps=cell.eps, norm=cell.norm)
         t = time.perf_counter()
-        adv = run_attack(self.model, x, torch.as_tensor(y), method, **kw)
-        secs = time.perf_counter() - t
+        adv = run_attack(self.model, x, torch.as_tensor(y), cell.method, **kw)
+        return self.positives(adv, split, time.perf_counter() - t)
+
+    def positives(self, adv, split: str, seconds: float) -> dict[str, Any]:
+        """The successful rows of an AdversarialSet that really fool the model, with their features."""
+        y = self.data[split][1]
         attacked = np.asarray(adv.attacked, bool) if getattr(adv, "attacked", None) is not None else (
             self.feats[split].pred == y)
-        success = np.asarray(adv.success, bool) & attacked
-        rows = np.flatnonzero(success)
+        rows = np.flatnonzero(np.asarray(adv.success, bool) & attacked)
         x_adv = torch.as_tensor(np.asarray(adv.x_adv)[rows]).float()
         feats = extract_features(self.model, x_adv, device=self.device)
         # a success must really fool the model (guards against e.g. zero images from a failed C&W)
         keep = feats.pred != y[rows]
         rows, x_adv, feats = rows[keep], x_adv[torch.as_tensor(keep)], feats.subset(np.flatnonzero(keep))
-        return {"x": x_adv, "feats": feats, "positions": rows, "attacked": int(attacked.sum()),
-                "succeeded": int(len(rows)), "seconds": secs,
-                "success_rate": float(len(rows) / attacked.sum()) if attacked.sum() else None}
+        n_att = int(attacked.sum())
+        return {"x": x_adv, "feats": feats, "positions": rows, "attacked": n_att, "succeeded": int(len(rows)),
+                "seconds": seconds, "success_rate": float(len(rows) / n_att) if n_att else None}
 
-    def detector(self, name: str, adv_fit: dict[str, Any] | None):
-        det = build_detector(name, fpr=self.s["fpr"], **self.s["detector_params"].get(name, {}))
+    def adaptive(self, det, eps: float) -> dict[str, Any]:
+        """The adaptive attack on the evaluation images against ``det`` at its fixed threshold."""
+        from .adaptive import adaptive_attack
+
+        x, y = self.data["evaluation"]
+        scale = float(np.std(det.calibration_scores_)) or 1.0
+        t = time.perf_counter()
+        adv = adaptive_attack(self.model, x, torch.as_tensor(y), det, eps=eps, threshold=float(det.threshold_),
+                              scale=scale, steps=self.s["adaptive_steps"], weights=tuple(self.s["adaptive_weights"]),
+                              seed=self.s["seed"], batch_size=self.s["batch_size"])
+        return self.positives(adv, "evaluation", time.perf_counter() - t)
+
+    def detector(self, label: str, adv_fit: dict[str, Any] | None):
+        """Fit ``label`` on the fit split, then calibrate it (all clean calibration images) as ``fit`` does."""
+        base = self.s["detector_bases"][label]
+        params = {k: v for k, v in self.s["detector_params"].get(label, {}).items() if k not in ("detector", "fpr")}
+        det = build_detector(base, fpr=self.s["fpr"], **params)
         if hasattr(det, "bind_model"):
             det.bind_model(self.model)
         t = time.perf_counter()
         kw = {}
         if det.supervised:
             if adv_fit is None or adv_fit["succeeded"] == 0:
-                raise CsgguardError(f"{name} needs successful {self.s['supervised_on']} examples on the fit split")
+                raise CsgguardError(f"{label} needs successful adversarial examples on the fit split "
+                                    f"({', '.join(self.s['supervised_on'])})")
             kw = dict(adversarial=adv_fit["feats"], adversarial_inputs=adv_fit["x"])
         det.fit(self.feats["fit"], inputs=self.data["fit"][0], **kw)
-        cal = det.score_samples(self.feats["calibration"], inputs=self.data["calibration"][0])
-        det.threshold_ = det.offset_ = threshold_at_fpr(cal, self.s["fpr"])
-        det.calibration_size_ = len(cal)
-        thresholds = {"target": det.threshold_, "0.05": threshold_at_fpr(cal, 0.05),
-                      "0.01": threshold_at_fpr(cal, 0.01) if len(cal) >= 100 else None}
-        self.seconds[f"fit:{name}"] = time.perf_counter() - t
+        det.calibrate(self.feats["calibration"], inputs=self.data["calibration"][0])
+        n_cal = len(det.calibration_scores_)
+        thresholds = {"target": float(det.threshold_), "0.05": det.threshold_at(0.05),
+                      "0.01": det.threshold_at(0.01) if n_cal >= 100 else None, "calibration_images": n_cal}
+        self.seconds[f"fit:{label}"] = self.seconds.get(f"fit:{label}", 0.0) + time.perf_counter() - t
         return det, thresholds
 
     def score(self, det, feats: Features, x: torch.Tensor) -> np.ndarray:
@@ -164,71 +233,158 @@ class _Harness:
         return det.score_samples(feats, inputs=x)
 
 
-def metrics_row(clean: np.ndarray, adv: np.ndarray, thresholds: dict[str, float | None]) -> dict[str, Any]:
-    """The numbers of one detector x attack cell, at thresholds fixed on calibration data."""
-    def at(key, scores):
-        t = thresholds.get(key)
-        return None if t is None or len(scores) == 0 else tpr_at_threshold(scores, t)
-
-    return {
-        "auroc": auroc(clean, adv) if len(adv) else None,
-        "tpr_at_target_fpr": at("target", adv),
-        "tpr_at_5pct_fpr": at("0.05", adv),
-        "tpr_at_1pct_fpr": at("0.01", adv),
-        "realised_fpr": at("target", clean),
-        "realised_fpr_1pct": at("0.01", clean),
-        "threshold": thresholds["target"],
-        "n_clean_eval": int(len(clean)),
-        "n_adv_eval": int(len(adv)),
-        "roc": roc_points(clean, adv) if len(adv) else None,
-    }
+def _combine(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [p for p in parts if p["succeeded"]]
+    if not ok:
+        return None
+    return {"feats": Features.concat([p["feats"] for p in ok]), "x": torch.cat([p["x"] for p in ok]),
+            "succeeded": sum(p["succeeded"] for p in ok)}
 
 
-def _evaluate_model(h: _Harness, attacks, detectors, adaptive: bool) -> dict[str, Any]:
+def _cell_row(h: _Harness, label: str, det, cell_id: str, cell: Cell | None, r: dict[str, Any],
+              clean: np.ndarray, thr: dict[str, Any], seen: bool) -> dict[str, Any]:
+    return {"model": h.label, "detector": label, "attack": cell.attack if cell else ADAPTIVE,
+            "norm": cell.norm if cell else "linf", "eps": cell.eps if cell else None, "cell": cell_id,
+            "supervised": det.supervised, "seen": seen, "attack_success_rate": r["success_rate"],
+            "n_attacked": r["attacked"], **metrics_row(clean, h.score(det, r["feats"], r["x"]), thr)}
+
+
+def _cross_fit(h: _Harness, label: str, fit_adv: dict[str, dict[str, Any]],
+               eval_adv: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fit ``label`` on one fit cell at a time; test each fit on every evaluated cell."""
+    rows = []
+    x_eval = h.data["evaluation"][0]
+    for fit_id, part in fit_adv.items():
+        if part["succeeded"] == 0:
+            h.errors.append(f"{h.label}/{label}: no successful {fit_id} examples on the fit split; "
+                            "its fit-on-each row is empty")
+            continue
+        det, thr = h.detector(label, part)
+        clean = h.score(det, h.feats["evaluation"], x_eval)
+        for test_id, r in eval_adv.items():
+            m = metrics_row(clean, h.score(det, r["feats"], r["x"]), thr)
+            rows.append({"model": h.label, "detector": label, "fit_on": fit_id, "test_on": test_id,
+                         "seen": fit_id == test_id, "n_fit_adv": part["succeeded"], "threshold": thr["target"],
+                         **{k: m[k] for k in ("auroc", "tpr_at_target_fpr", "realised_fpr", "n_adv_eval")}})
+    return rows
+
+
+def _evaluate_model(h: _Harness, cells: list[Cell], fit_cells: list[Cell], detectors: Sequence[str],
+                    linf: Sequence[float], adaptive: bool, cross_fit: Sequence[str]) -> dict[str, Any]:
     s = h.s
-    out: dict[str, Any] = {"attacks": {}, "results": [], "thresholds": {}, "adaptive": [], "errors": h.errors}
+    out: dict[str, Any] = {"attacks": {}, "attacks_fit": {}, "results": [], "thresholds": {}, "adaptive": [],
+                           "cross_fit": [], "errors": h.errors}
+    need_fit = any(detector_class(s["detector_bases"][d]).supervised for d in detectors)
+    fit_cells = fit_cells if need_fit else []
     with h.progress as prog:
-        task = prog.add_task(f"{h.label}: attacks", total=len(attacks) + 1, info="")
+        task = prog.add_task(f"{h.label}: attacks", total=len(cells) + len(fit_cells), info="")
         adv_eval = {}
-        for a in attacks:
-            prog.update(task, info=a)
-            adv_eval[a] = h.attack(a, "evaluation")
+        for c in cells:
+            prog.update(task, info=c.id)
+            adv_eval[c.id] = h.attack(c, "evaluation")
             prog.advance(task)
-        need_fit = any(detector_class(d).supervised for d in detectors)
-        adv_fit = h.attack(s["supervised_on"], "fit") if need_fit else None
-        prog.advance(task)
-    for a, r in adv_eval.items():
-        out["attacks"][a] = {k: r[k] for k in ("attacked", "succeeded", "success_rate", "seconds")}
-        out["attacks"][a]["eps"] = s["eps"] if a in EPS_ATTACKS else None
-    if adv_fit is not None:
-        out["attacks_fit"] = {s["supervised_on"]: {k: adv_fit[k] for k in ("attacked", "succeeded", "success_rate")}}
+        adv_fit = {}
+        for c in fit_cells:
+            prog.update(task, info=f"{c.id} (fit split)")
+            adv_fit[c.id] = h.attack(c, "fit")
+            prog.advance(task)
+    by_id = {c.id: c for c in cells}
+    out["attacks"] = {cid: _counts(r, by_id[cid]) for cid, r in adv_eval.items()}
+    out["attacks_fit"] = {c.id: _counts(adv_fit[c.id], c) for c in fit_cells}
+    combined_fit = _combine(list(adv_fit.values()))
+    seen_ids = {cid for cid, r in adv_fit.items() if r["succeeded"]}
 
     x_eval = h.data["evaluation"][0]
     fitted = {}
-    for name in detectors:
+    for label in detectors:
         try:
-            det, thr = h.detector(name, adv_fit)
+            det, thr = h.detector(label, combined_fit)
         except CsgguardError as exc:
-            h.errors.append(f"{h.label}/{name}: {exc}")
+            h.errors.append(f"{h.label}/{label}: {exc}")
             continue
-        out["thresholds"][name] = thr
+        out["thresholds"][label] = thr
         t = time.perf_counter()
         clean = h.score(det, h.feats["evaluation"], x_eval)
-        for a, r in adv_eval.items():
-            row = {"model": h.label, "detector": name, "attack": a, "supervised": det.supervised,
-                   "seen": bool(det.supervised and a == s["supervised_on"]),
-                   "attack_success_rate": r["success_rate"], "n_attacked": r["attacked"],
-                   **metrics_row(clean, h.score(det, r["feats"], r["x"]), thr)}
-            out["results"].append(row)
-        h.seconds[f"score:{name}"] = time.perf_counter() - t
-        fitted[name] = (det, thr, clean)
-    if adaptive and "csg-clean" in fitted:
-        from .adaptive import adaptive_rows
-
-        out["adaptive"] = adaptive_rows(h, fitted)
+        out["thresholds"][label]["realised_fpr_evaluation"] = float((clean > thr["target"]).mean())
+        for cid, r in adv_eval.items():
+            out["results"].append(_cell_row(h, label, det, cid, by_id[cid], r, clean, thr,
+                                            seen=bool(det.supervised and cid in seen_ids)))
+        h.seconds[f"score:{label}"] = time.perf_counter() - t
+        fitted[label] = (det, thr, clean)
+    for label in cross_fit:
+        if label in fitted and fitted[label][0].supervised:
+            out["cross_fit"] += _cross_fit(h, label, adv_fit, adv_eval)
+        elif label in fitted:
+            h.errors.append(f"{h.label}/{label}: not supervised; no fit-on-each matrix")
+    if adaptive and ADAPTIVE_TARGET in fitted:
+        target = fitted[ADAPTIVE_TARGET][0]
+        for eps in linf:
+            cid = f"{ADAPTIVE}@{format_eps(eps)}"
+            try:
+                r = h.adaptive(target, eps)
+            except CsgguardError as exc:
+                h.errors.append(f"{h.label}: adaptive attack at eps {eps:g} failed: {exc}")
+                continue
+            out["attacks"][cid] = {**_counts(r), "attack": ADAPTIVE, "norm": "linf", "eps": eps}
+            h.seconds[f"attack:{cid}"] = r["seconds"]
+            for label, (det, thr, clean) in fitted.items():
+                row = _cell_row(h, label, det, cid, None, r, clean, thr, seen=False)
+                adv = h.score(det, r["feats"], r["x"])
+                evaded = int((adv <= thr["target"]).sum()) if len(adv) else 0
+                row.update(eps=eps, target=ADAPTIVE_TARGET, steps=s["adaptive_steps"],
+                           weights=list(s["adaptive_weights"]), seconds=r["seconds"],
+                           evasion_rate=evaded / r["attacked"] if r["attacked"] else None)
+                out["adaptive"].append(row)
     elif adaptive:
-        h.errors.append(f"{h.label}: adaptive attack skipped (it targets csg-clean, which was not evaluated)")
+        h.errors.append(f"{h.label}: adaptive attack skipped (it targets {ADAPTIVE_TARGET}, which was not evaluated)")
     out["seconds"] = h.seconds
+    return out
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def sweep_curves(rows: list[dict[str, Any]], tol: float = MONOTONE_TOLERANCE) -> list[dict[str, Any]]:
+    """model x detector x budgeted attack -> budgets, AUROC and detection rate per budget, worst AUROC and
+    the budget pairs where the detection rate at the fixed threshold falls by more than ``tol``."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("eps") is not None:
+            groups.setdefault((r["model"], r["detector"], r["attack"]), []).append(r)
+    out = []
+    for (m, d, a), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["eps"])
+        aurocs = [r["auroc"] for r in rs]
+        rates = [r["tpr_at_target_fpr"] for r in rs]
+        known = [v for v in aurocs if v is not None]
+        out.append({"model": m, "detector": d, "attack": a, "norm": rs[0]["norm"], "eps": [r["eps"] for r in rs],
+                    "auroc": aurocs, "detection_rate": rates, "n_adv_eval": [r["n_adv_eval"] for r in rs],
+                    "worst_auroc": min(known) if known else None,
+                    "violations": monotonicity_violations(list(zip([r["eps"] for r in rs], rates, strict=True)),
+                                                          tol)})
+    return out
+
+
+def worst_case(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """model -> detector -> the lowest AUROC and detection rate over every (non-adaptive) cell."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        w = out.setdefault(r["model"], {}).setdefault(r["detector"], {"auroc": None, "auroc_cell": None,
+                                                                      "detection_rate": None, "rate_cell": None})
+        if r["auroc"] is not None and (w["auroc"] is None or r["auroc"] < w["auroc"]):
+            w["auroc"], w["auroc_cell"] = r["auroc"], r["cell"]
+        t = r["tpr_at_target_fpr"]
+        if t is not None and (w["detection_rate"] is None or t < w["detection_rate"]):
+            w["detection_rate"], w["rate_cell"] = t, r["cell"]
+    return out
+
+
+def seen_unseen(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """model -> supervised detector -> cell -> {auroc, tpr_at_target_fpr, seen}."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        if r["supervised"]:
+            out.setdefault(r["model"], {}).setdefault(r["detector"], {})[r["cell"]] = {
+                "auroc": r["auroc"], "tpr_at_target_fpr": r["tpr_at_target_fpr"], "seen": r["seen"]}
     return out
 
 
@@ -254,17 +410,41 @@ def _model_info(loaded: LoadedModel, feats: Features, labels: np.ndarray) -> dic
 
 
 def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
-             attacks: tuple[str, ...] = DEFAULT_ATTACKS, detectors: tuple[str, ...] = DEFAULT_DETECTORS,
+             attacks: Sequence[str] = DEFAULT_ATTACKS, detectors: Sequence[str] = DEFAULT_DETECTORS,
              fpr: float = 0.05, limit: int | None = None, seed: int = 0, device: str = "auto",
-             supervised_on: str = "fgsm", adaptive: bool = True, out: str | Path | None = None,
-             eps: float | None = None, data_root: str | None = None, batch_size: int = 256,
+             supervised_on: str | Sequence[str] | None = None, adaptive: bool = True, out: str | Path | None = None,
+             eps: float | str | Sequence[float] | None = None, l2_eps: float | str | Sequence[float] | None = None,
+             data_root: str | None = None, batch_size: int = 256,
              detector_params: dict[str, dict[str, Any]] | None = None, adaptive_steps: int = 40,
              adaptive_weights: tuple[float, ...] = (0.5, 2.0, 8.0), progress: bool | None = None,
-             attack_settings: dict[str, dict[str, Any]] | None = None, write: bool = True) -> dict[str, Any]:
-    """Run the protocol on ``run_dir`` (and ``compare_run``); write and return the report."""
+             attack_settings: dict[str, dict[str, Any]] | None = None, cross_fit: Sequence[str] | None = None,
+             write: bool = True) -> dict[str, Any]:
+    """Run the protocol on ``run_dir`` (and ``compare_run``) over a budget sweep; write and return the report.
+
+    ``eps`` / ``l2_eps``: the Linf / L2 budgets (a number, a list, or text like
+    ``"0.05,0.1"`` or ``"2/255,8/255"``); None means the dataset's default sweep.
+    ``supervised_on``: the sweep names (``"fgsm,pgd"``: every Linf budget) or cells
+    (``"pgd@0.1"``) supervised detectors are fitted on, on the fit split; default fgsm
+    and pgd. ``cross_fit``: supervised detectors that also get the fit-on-each /
+    test-on-each matrix (default: the csg-supervised ones among ``detectors``).
+    ``detector_params``: label -> parameters; a label that is no registered name is a
+    variant whose ``"detector"`` entry names the base detector.
+    """
     t0 = time.perf_counter()
-    attacks, detectors = tuple(attacks), tuple(detectors)
-    _check_names(attacks, detectors, supervised_on, fpr)
+    attacks, detectors = _names(attacks, DEFAULT_ATTACKS), _names(detectors, DEFAULT_DETECTORS)
+    supervised = _names(supervised_on, DEFAULT_SUPERVISED_ON)
+    detector_params = dict(detector_params or {})
+    bases = _check_request(attacks, detectors, supervised, fpr, detector_params)
+    linf_req = parse_budget_list(eps, "--eps")
+    l2_req = parse_budget_list(l2_eps, "--l2-eps")
+    if linf_req is not None:
+        check_budgets(linf_req, "linf")
+    if l2_req is not None:
+        check_budgets(l2_req, "l2")
+    cross = tuple(d for d in detectors if bases[d] == "csg-supervised") if cross_fit is None else tuple(cross_fit)
+    unknown = [d for d in cross if d not in detectors]
+    if unknown:
+        raise CsgguardError(f"cross-fit detector {unknown[0]!r} is not among the evaluated detectors")
     if limit is not None and limit < 1:
         raise CsgguardError(f"--limit must be >= 1, got {limit}")
     dev = select_device(device)
@@ -276,40 +456,43 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
     data_name = training.get("data") or models["csg"].manifest.get("dataset", {}).get("name", "digits")
     ds = load_dataset(data_name, data_root or training.get("data_root"))
     test = ds.test
+    shape = tuple(test.images.shape[1:])
+    linf = resolve_budgets(linf_req, "linf", ds.name, shape)
+    l2 = resolve_budgets(l2_req, "l2", ds.name, shape)
+    cells = build_cells(attacks, linf, l2)
+    fit_cells = build_cells(supervised, linf, l2)
     splits = make_splits(len(test), seed, limit)
     _check_sizes(splits, fpr)
-    if eps is None:
-        from .attacks.defaults import default_eps
-
-        eps = default_eps("linf", ds.name, tuple(test.images.shape[1:]))
-    settings = {"attacks": list(attacks), "detectors": list(detectors), "fpr": fpr, "limit": limit, "seed": seed,
-                "supervised_on": supervised_on, "adaptive": adaptive, "eps": float(eps), "norm": "linf",
-                "batch_size": batch_size, "detector_params": detector_params or {}, "dataset": ds.name,
-                "attack_settings": attack_settings or {},
-                "adaptive_steps": adaptive_steps, "adaptive_weights": list(adaptive_weights),
-                "negatives": "all clean evaluation images", "device": str(dev)}
+    settings = {"attacks": list(attacks), "detectors": list(detectors), "detector_bases": bases, "fpr": fpr,
+                "limit": limit, "seed": seed, "eps": list(linf), "l2_eps": list(l2), "cells": [c.id for c in cells],
+                "supervised_on": [c.id for c in fit_cells], "cross_fit": list(cross), "adaptive": adaptive,
+                "adaptive_target": ADAPTIVE_TARGET, "batch_size": batch_size, "detector_params": detector_params,
+                "dataset": ds.name, "attack_settings": attack_settings or {}, "adaptive_steps": adaptive_steps,
+                "adaptive_weights": list(adaptive_weights), "negatives": "all clean evaluation images",
+                "calibration": "Detector.calibrate on every clean calibration image (misclassified included), "
+                               "the same call `csgguard fit` makes; 5% / 1% from the same scores (threshold_at)",
+                "monotone_tolerance": MONOTONE_TOLERANCE, "device": str(dev)}
     data = {k: (test.x()[torch.as_tensor(p)], test.labels.numpy()[p]) for k, p in splits.items()}
     report: dict[str, Any] = {
-        "format": "csgguard.evaluation", "format_version": 1, "settings": settings,
+        "format": "csgguard.evaluation", "format_version": 2, "settings": settings,
         "data": {"dataset": ds.name, "source": ds.source, "test_images": len(test), "classes": ds.classes},
         "splits": {k: [int(i) for i in test.indices[p]] for k, p in splits.items()},
         "split_sizes": {k: int(len(p)) for k, p in splits.items()},
         "models": {}, "attacks": {}, "attacks_fit": {}, "thresholds": {}, "results": [], "adaptive": [],
-        "errors": [], "seconds": {},
+        "cross_fit": [], "errors": [], "seconds": {},
     }
     for label, loaded in models.items():
-        log(f"evaluate: {label} model {loaded.run_dir}")
+        log(f"evaluate: {label} model {loaded.run_dir} ({len(cells)} attack cells)")
         h = _Harness(label, loaded, data, settings, dev, make_progress(progress))
         report["models"][label] = _model_info(loaded, h.feats["evaluation"], data["evaluation"][1])
-        res = _evaluate_model(h, attacks, detectors, adaptive)
-        report["attacks"][label] = res["attacks"]
-        report["attacks_fit"][label] = res.get("attacks_fit", {})
-        report["thresholds"][label] = res["thresholds"]
-        report["results"] += res["results"]
-        report["adaptive"] += res["adaptive"]
-        report["errors"] += res["errors"]
-        report["seconds"][label] = res["seconds"]
+        res = _evaluate_model(h, cells, fit_cells, detectors, linf, adaptive, cross)
+        for key in ("attacks", "attacks_fit", "thresholds", "seconds"):
+            report[key][label] = res[key]
+        for key in ("results", "adaptive", "cross_fit", "errors"):
+            report[key] += res[key]
     report["seen_unseen"] = seen_unseen(report["results"])
+    report["sweep"] = sweep_curves(report["results"] + report["adaptive"])
+    report["worst_case"] = worst_case(report["results"])
     report["machine"] = machine_info(dev)
     report["seconds"]["total"] = time.perf_counter() - t0
     if write:
@@ -317,13 +500,3 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
 
         report["out"] = str(write_report(report, Path(out) if out else Path(run_dir) / "evaluation"))
     return report
-
-
-def seen_unseen(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """model -> supervised detector -> attack -> {auroc, tpr_at_target_fpr, seen}."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in results:
-        if r["supervised"]:
-            out.setdefault(r["model"], {}).setdefault(r["detector"], {})[r["attack"]] = {
-                "auroc": r["auroc"], "tpr_at_target_fpr": r["tpr_at_target_fpr"], "seen": r["seen"]}
-    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -67,3 +69,45 @@ def roc_points(clean_scores: np.ndarray, adv_scores: np.ndarray, max_points: int
         keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
         fpr, tpr = fpr[keep], tpr[keep]
     return {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
+
+
+def metrics_row(clean: np.ndarray, adv: np.ndarray, thresholds: dict[str, float | None]) -> dict[str, Any]:
+    """The numbers of one detector x attack cell, at thresholds fixed on calibration data.
+
+    ``thresholds`` maps ``"target"`` (the detector's ``threshold_``), ``"0.05"`` and
+    ``"0.01"`` to thresholds; ``None`` marks an operating point the calibration set was
+    too small for. ``clean`` are the scores of the clean evaluation images, ``adv`` those
+    of the successful adversarial ones.
+    """
+    def at(key, scores):
+        t = thresholds.get(key)
+        return None if t is None or len(scores) == 0 else tpr_at_threshold(scores, t)
+
+    return {
+        "auroc": auroc(clean, adv) if len(adv) else None,
+        "tpr_at_target_fpr": at("target", adv),
+        "tpr_at_5pct_fpr": at("0.05", adv),
+        "tpr_at_1pct_fpr": at("0.01", adv),
+        "realised_fpr": at("target", clean),
+        "realised_fpr_1pct": at("0.01", clean),
+        "threshold": thresholds["target"],
+        "n_clean_eval": int(len(clean)),
+        "n_adv_eval": int(len(adv)),
+        "roc": roc_points(clean, adv) if len(adv) else None,
+    }
+
+
+def monotonicity_violations(curve: list[tuple[float, float | None]], tol: float = 0.03
+                            ) -> list[dict[str, float]]:
+    """Pairs of budgets where the detection rate at the larger one is lower by more than ``tol``.
+
+    ``curve`` is ``[(budget, rate), ...]``; ``None`` rates (nothing to detect) are skipped.
+    """
+    pts = sorted((b, r) for b, r in curve if r is not None)
+    out = []
+    for i, (small, r_small) in enumerate(pts):
+        for large, r_large in pts[i + 1:]:
+            if r_large < r_small - tol:
+                out.append({"smaller": small, "larger": large, "rate_smaller": r_small, "rate_larger": r_large,
+                            "drop": r_small - r_large})
+    return out

@@ -22,7 +22,8 @@ FIELDS = ("auroc", "tpr_at_5pct_fpr", "tpr_at_1pct_fpr", "tpr_at_target_fpr", "r
 def report(digits_csg_run, digits_std_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     return E.evaluate(digits_csg_run, compare_run=digits_std_run, attacks=ATTACKS, detectors=DETECTORS,
-                      limit=420, device="cpu", out=out, adaptive_steps=10, adaptive_weights=(2.0,),
+                      limit=420, device="cpu", out=out, eps=0.1, supervised_on="fgsm", adaptive_steps=10,
+                      adaptive_weights=(2.0,),
                       detector_params={"kd-bu": {"passes": 10}}, attack_settings={"pgd": {"steps": 10}},
                       progress=False)
 
@@ -66,7 +67,7 @@ def test_threshold_fixed_across_attacks(report):
 def test_supervised_seen_only_on_fit_attack(report):
     for r in report["results"]:
         assert r["seen"] == (r["supervised"] and r["attack"] == "fgsm")
-    assert report["seen_unseen"]["csg"]["csg-supervised"]["pgd"]["seen"] is False
+    assert report["seen_unseen"]["csg"]["csg-supervised"]["pgd@0.1"]["seen"] is False
 
 
 def test_realised_fpr_recomputed_on_evaluation_split(report, digits_csg_run):
@@ -101,9 +102,9 @@ def test_failed_attacks_excluded(digits_csg_run, monkeypatch, tmp_path):
 
     monkeypatch.setattr(E, "run_attack", half_failing)
     rep = E.evaluate(digits_csg_run, attacks=("pgd",), detectors=("csg-clean",), limit=300, device="cpu",
-                     adaptive=False, out=tmp_path, progress=False)
+                     eps=0.1, adaptive=False, out=tmp_path, progress=False)
     row = rep["results"][0]
-    assert row["n_adv_eval"] == seen["pgd"][0] == rep["attacks"]["csg"]["pgd"]["succeeded"]
+    assert row["n_adv_eval"] == seen["pgd"][0] == rep["attacks"]["csg"]["pgd@0.1"]["succeeded"]
     assert row["attack_success_rate"] == pytest.approx(seen["pgd"][0] / seen["pgd"][1])
 
 

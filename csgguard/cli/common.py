@@ -24,6 +24,7 @@ from rich.table import Table
 
 from ..artifacts import to_jsonable
 from ..errors import CsgguardError
+from ..sweep import parse_budget_list, parse_fraction  # noqa: F401 (re-exported for the commands)
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -135,15 +136,3 @@ def emit_mapping(data: dict[str, Any], fmt: str, title: str | None = None) -> No
     for k, v in flat.items():
         table.add_row(k, _fmt(v))
     stdout_console.print(table)
-
-
-def parse_fraction(value: str, name: str = "value") -> float:
-    """'8/255' -> 0.03137..., '0.1' -> 0.1; a clear error otherwise."""
-    text = str(value).strip()
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise CsgguardError(f"{name} {value!r} is not a number or fraction like 8/255") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import CsgguardError
-from ..evaluate import DEFAULT_ATTACKS, DEFAULT_DETECTORS, evaluate
+from ..evaluate import DEFAULT_ATTACKS, DEFAULT_DETECTORS, DEFAULT_SUPERVISED_ON, evaluate
 from ..progress import log
 from ..report import SUMMARY_COLUMNS, summary_rows
 from . import main
@@ -14,6 +14,7 @@ from .common import (
     emit_mapping,
     emit_rows,
     format_option,
+    parse_budget_list,
     parse_fraction,
     progress_option,
     run_option,
@@ -32,39 +33,53 @@ def _names(value: str, what: str) -> tuple[str, ...]:
 @click.option("--compare-run", type=click.Path(file_okay=False), default=None,
               help="The STD twin's run directory: evaluated on the same images, reported beside the CSG model.")
 @click.option("--attacks", default=",".join(DEFAULT_ATTACKS), show_default=True,
-              help="Comma-separated: fgsm, pgd, bim, cw, deepfool.")
+              help="Comma-separated: fgsm, pgd, bim (Linf, every --eps), pgd-l2, bim-l2 (L2, every --l2-eps), "
+                   "cw, deepfool (minimum-norm, once); NAME@BUDGET (pgd@8/255) for one budget only.")
 @click.option("--detectors", default=",".join(DEFAULT_DETECTORS), show_default=True,
               help="Comma-separated detector names.")
 @click.option("--fpr", default="0.05", show_default=True, help="Target false-positive rate of the fixed threshold.")
 @click.option("--limit", type=int, default=None, help="Use this many test images (split into fit/calibration/evaluation).")
-@click.option("--eps", default=None, help="Linf budget of fgsm/pgd/bim and the adaptive attack, e.g. 0.1 or 8/255 "
-                                          "(default per dataset).")
-@click.option("--supervised-on", default="fgsm", show_default=True,
-              help="The attack supervised detectors are fitted on; every other attack is unseen.")
+@click.option("--eps", default=None, metavar="LIST",
+              help="Linf budgets of fgsm/pgd/bim and the adaptive attack, in (0, 1], e.g. 0.05,0.1 or 2/255,8/255 "
+                   "(default per dataset: digits/MNIST 0.05,0.1,0.2,0.3; CIFAR-10 2/255,4/255,8/255,16/255).")
+@click.option("--l2-eps", default=None, metavar="LIST",
+              help="L2 budgets of pgd-l2/bim-l2, > 0 (default per dataset: digits 0.5,1,1.5; MNIST 0.5,1,2; "
+                   "CIFAR-10 0.25,0.5,1).")
+@click.option("--supervised-on", default=",".join(DEFAULT_SUPERVISED_ON), show_default=True,
+              help="Attacks (every budget) or cells (pgd@0.1) supervised detectors are fitted on, on the fit split; "
+                   "every other cell is unseen.")
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
-              help="Also run PGD against classifier + csg-clean detector together.")
+              help="Also run PGD against classifier + csg-clean detector together, at every Linf budget.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Fixes the splits and the attacks' randomness.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Report folder (default RUN/evaluation): report.json, report.md, roc_*.png, gate_heatmap.png.")
+              help="Report folder (default RUN/evaluation): report.json, report.md, curve_*.png, roc_*.png, "
+                   "gate_heatmap.png.")
 @click.option("--data-root", type=click.Path(), default=None, help="Dataset root, for mnist / cifar10 runs.")
 @device_option
 @format_option(("table", "json"))
 @progress_option
-def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, supervised_on, adaptive, seed, out,
-                     data_root, device, fmt, progress):
-    """Measure detection honestly: disjoint splits, one fixed threshold, unseen and adaptive attacks.
+def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, l2_eps, supervised_on, adaptive,
+                     seed, out, data_root, device, fmt, progress):
+    """Measure detection honestly: disjoint splits, one fixed threshold, a budget sweep, unseen and adaptive attacks.
 
     Splits the test data once into fit / calibration / evaluation parts, attacks the
-    correctly classified images, fits every detector, fixes each threshold on clean
-    calibration data and reports AUROC, TPR at 5% and 1% FPR, the realised FPR and
-    the attack success rate per detector and attack, for the CSG model and (with
-    --compare-run) its STD twin. See docs/evaluation.md.
+    correctly classified images at every budget of the sweep, fits every detector,
+    fixes each threshold on all clean calibration images (as `csgguard fit` does) and
+    reports AUROC, TPR at 5% and 1% FPR, the realised FPR and the attack success rate
+    per detector, attack and budget, for the CSG model and (with --compare-run) its STD
+    twin; robustness curves per attack. See docs/evaluation.md.
+
+    \b
+    Examples:
+      csgguard evaluate --run runs/csg --compare-run runs/std
+      csgguard evaluate --attacks pgd,pgd-l2 --eps 2/255,8/255 --l2-eps 0.5,1
     """
+    # every value is checked before anything is loaded: a bad request costs nothing
     report = evaluate(run_dir, compare_run=compare_run, attacks=_names(attacks, "attacks"),
                       detectors=_names(detectors, "detectors"), fpr=parse_fraction(fpr, "--fpr"), limit=limit,
-                      seed=seed, device=device, supervised_on=supervised_on, adaptive=adaptive, out=out,
-                      eps=None if eps is None else parse_fraction(eps, "--eps"), data_root=data_root,
-                      progress=progress)
+                      seed=seed, device=device, supervised_on=_names(supervised_on, "supervised-on"),
+                      adaptive=adaptive, out=out, eps=parse_budget_list(eps, "--eps"),
+                      l2_eps=parse_budget_list(l2_eps, "--l2-eps"), data_root=data_root, progress=progress)
     log(f"report: {report['out']}/report.md")
     for e in report["errors"]:
         log(f"note: {e}")

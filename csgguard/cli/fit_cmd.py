@@ -14,7 +14,7 @@ from .common import (
     device_option,
     emit_mapping,
     format_option,
-    parse_fraction,
+    parse_budget_list,
     progress_option,
     run_option,
 )
@@ -26,9 +26,13 @@ from .common import (
               help="csg-clean (clean-only, attack-agnostic) or csg-supervised (clean vs --attacks); "
                    "also any array-only baseline (mahalanobis, lid, kd-bu).")
 @click.option("--attacks", default="pgd,fgsm", show_default=True,
-              help="Attacks generated on train-split images for a supervised detector (comma-separated).")
-@click.option("--eps", default=None, help="Attack budget in [0,1] pixel units, e.g. 0.1 or 8/255 "
-                                          "(default: the attacks' per-dataset default).")
+              help="Attacks generated on train-split images for a supervised detector (comma-separated): fgsm, "
+                   "pgd, bim (every --eps), pgd-l2, bim-l2 (every --l2-eps), cw, deepfool; NAME@BUDGET for one.")
+@click.option("--eps", default=None, metavar="LIST",
+              help="Linf budgets in (0, 1] pixel units, e.g. 0.05,0.1 or 2/255,8/255 (default: the dataset's "
+                   "sweep, as `csgguard evaluate`).")
+@click.option("--l2-eps", default=None, metavar="LIST", help="L2 budgets (> 0) of pgd-l2 / bim-l2 (default: the "
+                                                             "dataset's sweep).")
 @click.option("--fpr", type=float, default=0.05, show_default=True,
               help="Target false-positive rate; the threshold is set on the clean val split.")
 @click.option("--limit", type=int, default=None, help="Use only the first N train images (faster fits).")
@@ -43,19 +47,21 @@ from .common import (
 @device_option
 @format_option()
 @progress_option
-def fit_command(run_dir, detector, attacks, eps, fpr, limit, params, data_root, out, batch_size, seed, device,
+def fit_command(run_dir, detector, attacks, eps, l2_eps, fpr, limit, params, data_root, out, batch_size, seed, device,
                 fmt, progress):
     """Fit a gate-pattern detector and calibrate its threshold.
 
     \b
     Split policy: clean statistics (and a supervised detector's adversarial
     examples) come from the model's TRAIN split; the threshold is set on the
-    held-out VAL split at --fpr; the TEST split is left for `csgguard evaluate`.
+    held-out VAL split at --fpr (every clean val image, misclassified ones
+    included); the TEST split is left for `csgguard evaluate`.
 
     \b
     Examples:
       csgguard fit                                          # csg-clean into runs/default
       csgguard fit --detector csg-supervised --attacks fgsm --eps 0.1
+      csgguard fit --detector csg-supervised --attacks fgsm,pgd,pgd-l2 --eps 0.05,0.1,0.2 --l2-eps 1
       csgguard fit --run runs/std --param score=combined --out runs/std/combined.json
     """
     parsed = {}
@@ -68,7 +74,8 @@ def fit_command(run_dir, detector, attacks, eps, fpr, limit, params, data_root, 
         except json.JSONDecodeError:
             parsed[key] = value
     result = fit_detector(run_dir, detector=detector, attacks=attacks.split(","),
-                          eps=parse_fraction(eps, "--eps") if eps is not None else None, fpr=fpr, limit=limit,
+                          eps=parse_budget_list(eps, "--eps"), l2_eps=parse_budget_list(l2_eps, "--l2-eps"),
+                          fpr=fpr, limit=limit,
                           params=parsed, device=device, data_root=data_root, out=out, batch_size=batch_size,
                           seed=seed, progress=progress, log=log)
     log(f"wrote {result.path} (+ arrays); threshold {result.summary['threshold']:.4g} at target FPR {fpr:g}, "
