@@ -86,17 +86,50 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
+class _NotFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str):
+    raise _NotFinite(f"{name} is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _NotFinite(f"{text} is not a finite number")
+    return value
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and numbers that overflow a float (1e400)."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+MAX_JSON_BYTES = 256 << 20  # a manifest is kilobytes; a history of a long run a few megabytes
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
+    """A JSON object from ``path``; every number in it finite (NaN, Infinity, 1e400 are refused)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: {what} not found")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ArtifactError(f"{path}: {what} is {path.stat().st_size} bytes; refusing more than {MAX_JSON_BYTES}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except _NotFinite as exc:
+        raise ArtifactError(f"{path}: {exc} (every number in a {what} must be finite)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: expected a JSON object at the top level")
     return data
+
+
+def canonical_json(obj: Any) -> str:
+    """One spelling of a JSON value (sorted keys, no spaces): what a hash or a comparison covers."""
+    return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
@@ -108,8 +141,30 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     return sha256_bytes(data)
 
 
-def load_tensors(path: str | os.PathLike, expected_sha256: str | None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file after checking its hash; never unpickles anything."""
+def safetensors_metadata(data: bytes, path: str | os.PathLike = "") -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors blob (its JSON header), without reading tensors."""
+    import struct
+
+    if len(data) < 8:
+        raise ArtifactError(f"{path}: not a valid safetensors file (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ArtifactError(f"{path}: not a valid safetensors file (header of {n} bytes)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ArtifactError(f"{path}: not a valid safetensors file (header is not JSON)") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def load_tensors(path: str | os.PathLike, expected_sha256: str | None, *,
+                 with_metadata: bool = False):
+    """Read a safetensors file after checking its hash; never unpickles anything.
+
+    ``with_metadata=True`` returns ``(tensors, metadata)``: the metadata strings are
+    covered by the same hash, so a manifest copy kept there cannot be edited alone.
+    """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: weights file not found")
@@ -122,9 +177,10 @@ def load_tensors(path: str | os.PathLike, expected_sha256: str | None) -> dict[s
                 f"{expected_sha256[:12]}... (file altered or from another run); refusing to load"
             )
     try:
-        return st_load(data)
+        tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ArtifactError(f"{path}: not a valid safetensors file ({exc})") from None
+    return (tensors, safetensors_metadata(data, path)) if with_metadata else tensors
 
 
 def library_versions() -> dict[str, str]:

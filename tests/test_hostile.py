@@ -120,3 +120,101 @@ def test_item8_9_loops_links_and_unreadable_folders_get_error_rows(fitted_run, h
 def test_item14_only_subfolders_without_r_says_so(fitted_run, hostile_tree):
     line = one_line_error(_cli("screen", hostile_tree.root.parent, "--run", fitted_run))
     assert "sub-folder" in line and "-r" in line
+
+
+# ----------------------------------------------------------------------------- items 4-6: manifests
+
+@pytest.fixture
+def run_copy(digits_csg_run, tmp_path):
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(digits_csg_run, dst)
+    return dst
+
+
+def _edit(path, fn, raw: str | None = None):
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(raw if raw is not None else json.dumps(m))
+
+
+def test_item4_huge_sizes_are_refused_before_anything_is_built(run_copy, monkeypatch):
+    import time
+
+    from csgguard.models import csg
+
+    built = []
+    real_init = csg.CSGNet.__init__
+
+    def spy(self, config):
+        import torch
+
+        built.append(torch.empty(0).device.type)  # "meta" while shapes are checked, "cpu" for a real build
+        real_init(self, config)
+    monkeypatch.setattr(csg.CSGNet, "__init__", spy)
+    for n in (10_000_000, 1_000_000_000, 5_000):
+        _edit(run_copy / "model.json", lambda m, n=n: m["model"].update(num_classes=n))
+        start = time.perf_counter()
+        line = one_line_error(_cli("inspect", "--run", run_copy))
+        assert time.perf_counter() - start < 5 and "model.json" in line
+    assert "cpu" not in built  # nothing was built for real: the sizes were checked first
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m["model"].update(num_classes=-3), "num_classes"),
+    (lambda m: m.update(classes=[]), "classes"),
+    (lambda m: m.update(classes=None), "classes"),
+    (lambda m: m.pop("input"), "input"),
+    (lambda m: m["model"].update(in_channels=0), "in_channels"),
+    (lambda m: m["model"].update(input_size=-8), "input_size"),
+    (lambda m: m["model"].update(std=[0]), "std"),
+    (lambda m: m["model"].update(width=-4), "width"),
+    (lambda m: m["model"].update(gate="yes"), "gate"),
+    (lambda m: m["model"].update(arch=None), "architecture"),
+    (lambda m: m["weights"].update(file="../model.safetensors"), "plain file name"),
+    (lambda m: m["input"].update(height=99), "input section"),
+    (lambda m: m.update(classes=[str(i) for i in range(9)] + ["0"]), "distinct"),
+    (lambda m: m.update(classes=[f"c{i}" for i in range(10)]), "differ from the copy"),  # valid, but edited
+])
+def test_item5_6_malformed_model_json_is_one_line_exit_2(run_copy, edit, needle):
+    _edit(run_copy / "model.json", edit)
+    assert needle in one_line_error(_cli("inspect", "--run", run_copy))
+
+
+def test_item5_non_finite_json_numbers_are_refused(run_copy):
+    text = (run_copy / "model.json").read_text()
+    m = json.loads(text)
+    for bad in ("NaN", "Infinity", "1e400"):
+        m["model"]["std"] = ["__X__"]
+        (run_copy / "model.json").write_text(json.dumps(m).replace('"__X__"', bad))
+        assert "finite" in one_line_error(_cli("inspect", "--run", run_copy))
+
+
+@pytest.mark.parametrize("threshold", ["NaN", "1e308", "-Infinity"])
+def test_item5_detector_threshold_must_be_finite_and_covered_by_the_hash(fitted_run, tmp_path, threshold):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    m = json.loads((run / "detector.json").read_text())
+    m["threshold"] = "__T__"
+    m["fitted"]["threshold_"] = "__T__"
+    (run / "detector.json").write_text(json.dumps(m).replace('"__T__"', threshold))
+    line = one_line_error(_cli("screen", run, "--run", run))
+    assert "detector.json" in line
+
+
+def test_item5_detector_fields_are_covered_by_the_hash(fitted_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    _edit(run / "detector.json", lambda m: (m.update(threshold=99.0), m["fitted"].update(threshold_=99.0)))
+    assert "differ from the copy" in one_line_error(_cli("screen", run, "--run", run))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e308"])
+def test_item5_screen_threshold_must_be_finite(fitted_run, value):
+    line = one_line_error(_cli("screen", fitted_run, "--run", fitted_run, "--threshold", value))
+    assert "--threshold" in line

@@ -18,9 +18,9 @@ from .common import (
     FiniteFloat,
     csv_header,
     csv_row,
-    json_text,
     device_option,
     emit_rows,
+    json_text,
     progress_option,
     run_option,
 )
