@@ -7,10 +7,12 @@ from a stranger can at worst be refused, never executed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import ArtifactError
+from .errors import ArtifactError, CsgguardError
 
 DEFAULT_RUN = Path("runs/default")
 _UMASK = os.umask(0o022)
@@ -59,6 +61,102 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be created or written.
+
+    ``path`` may not exist yet: its nearest existing ancestor must be a writable folder
+    (not a file). Nothing is created here.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CsgguardError(f"{what} {path}: exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link in the way
+            raise CsgguardError(f"{what} {path}: {probe} is a broken symlink")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CsgguardError(f"{what} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CsgguardError(f"{what} {path}: folder {probe} is not writable")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """:func:`check_output_dir` for the folder of an output file; the file itself must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise CsgguardError(f"{what} {path}: is a folder; give a file name")
+    check_output_dir(path.parent, what=what)
+    return path
+
+
+LOCK_FILE = ".csgguard.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, command: str):
+    """Hold an exclusive lock on ``folder`` while a command writes into it; refuse a second holder.
+
+    The lock is ``flock`` on ``FOLDER/.csgguard.lock``, which also records the holder's
+    pid and command. The kernel drops the lock when its process dies, so a lock file
+    left by a killed process is stale by construction and simply taken over; there is
+    nothing to clean by hand. The file is removed on release (re-checked by inode, so a
+    process that raced the removal retries instead of locking a deleted file).
+    """
+    import fcntl
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CsgguardError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from None
+    lock = folder / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CsgguardError(f"{folder}: cannot write a lock file there ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise CsgguardError(f"{folder}: in use by another csgguard process ({holder}); wait for it to "
+                                "finish or choose another folder") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was removed (or replaced) between open and flock: try again
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}, csgguard {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.NAME.XXXX.tmp`` files :func:`atomic_write_bytes` leaves when killed mid-write.
+
+    Only call it while holding :func:`folder_lock` on ``folder`` (no live writer then).
+    """
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file() and not p.is_symlink():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -10,6 +10,8 @@ from ..progress import log
 from ..report import SUMMARY_COLUMNS, summary_rows
 from . import main
 from .common import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
     device_option,
     emit_mapping,
     emit_rows,
@@ -36,14 +38,14 @@ def _names(value: str, what: str) -> tuple[str, ...]:
 @click.option("--detectors", default=",".join(DEFAULT_DETECTORS), show_default=True,
               help="Comma-separated detector names.")
 @click.option("--fpr", default="0.05", show_default=True, help="Target false-positive rate of the fixed threshold.")
-@click.option("--limit", type=int, default=None, help="Use this many test images (split into fit/calibration/evaluation).")
+@click.option("--limit", type=POSITIVE_INT, default=None, help="Use this many test images (split into fit/calibration/evaluation).")
 @click.option("--eps", default=None, help="Linf budget of fgsm/pgd/bim and the adaptive attack, e.g. 0.1 or 8/255 "
                                           "(default per dataset).")
 @click.option("--supervised-on", default="fgsm", show_default=True,
               help="The attack supervised detectors are fitted on; every other attack is unseen.")
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="Also run PGD against classifier + csg-clean detector together.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Fixes the splits and the attacks' randomness.")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True, help="Fixes the splits and the attacks' randomness.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Report folder (default RUN/evaluation): report.json, report.md, roc_*.png, gate_heatmap.png.")
 @click.option("--data-root", type=click.Path(), default=None, help="Dataset root, for mnist / cifar10 runs.")
@@ -60,11 +62,21 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
     the attack success rate per detector and attack, for the CSG model and (with
     --compare-run) its STD twin. See docs/evaluation.md.
     """
-    report = evaluate(run_dir, compare_run=compare_run, attacks=_names(attacks, "attacks"),
-                      detectors=_names(detectors, "detectors"), fpr=parse_fraction(fpr, "--fpr"), limit=limit,
-                      seed=seed, device=device, supervised_on=supervised_on, adaptive=adaptive, out=out,
-                      eps=None if eps is None else parse_fraction(eps, "--eps"), data_root=data_root,
-                      progress=progress)
+    from pathlib import Path
+
+    from ..artifacts import check_output_dir, folder_lock
+
+    attack_names, detector_names = _names(attacks, "attacks"), _names(detectors, "detectors")
+    fpr_value = parse_fraction(fpr, "--fpr")
+    if not 0.0 < fpr_value < 1.0:
+        raise CsgguardError(f"--fpr must be between 0 and 1, got {fpr}")
+    eps_value = None if eps is None else parse_fraction(eps, "--eps")
+    out_dir = Path(out) if out is not None else Path(run_dir) / "evaluation"
+    check_output_dir(out_dir, "--out")
+    with folder_lock(out_dir, "evaluate"):
+        report = evaluate(run_dir, compare_run=compare_run, attacks=attack_names, detectors=detector_names,
+                          fpr=fpr_value, limit=limit, seed=seed, device=device, supervised_on=supervised_on,
+                          adaptive=adaptive, out=out, eps=eps_value, data_root=data_root, progress=progress)
     log(f"report: {report['out']}/report.md")
     for e in report["errors"]:
         log(f"note: {e}")
