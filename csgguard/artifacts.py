@@ -71,7 +71,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise CsgguardError(f"{what} {path}: exists and is not a folder")
+        raise CsgguardError(f"{what} {path}: is a file, not a folder")
     probe = path
     while not probe.exists():
         if probe.is_symlink():  # a dangling link in the way

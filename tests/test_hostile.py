@@ -6,6 +6,7 @@ Each test names the issue item it pins down; each was seen failing with its fix 
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import os
@@ -218,3 +219,268 @@ def test_item5_detector_fields_are_covered_by_the_hash(fitted_run, tmp_path):
 def test_item5_screen_threshold_must_be_finite(fitted_run, value):
     line = one_line_error(_cli("screen", fitted_run, "--run", fitted_run, "--threshold", value))
     assert "--threshold" in line
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["fit", "--param", "foo=1"], "foo"),
+    (["fit", "--param", "score=NaN"], "finite"),
+    (["fit", "--batch-size", "0"], "--batch-size"),
+    (["fit", "--fpr", "nan"], "--fpr"),
+    (["attack", "--batch-size", "0"], "--batch-size"),
+    (["attack", "--steps", "-1"], "--steps"),
+    (["screen", ".", "--batch-size", "0"], "--batch-size"),
+    (["screen", ".", "--workers", "-1"], "--workers"),
+    (["train", "--lr", "nan"], "--lr"),
+    (["train", "--lr", "inf"], "--lr"),
+    (["train", "--width", "-4"], "--width"),
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--density", "nan"], "--density"),
+    (["evaluate", "--fpr", "nan"], "--fpr"),
+])
+def test_item6_bad_option_values_are_one_line_exit_2_before_any_work(args, needle, monkeypatch):
+    import csgguard.models.store as store
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the options were checked")
+    monkeypatch.setattr(store, "load_model", no_work)
+    monkeypatch.setattr(importlib.import_module("csgguard.train"), "load_dataset", no_work)
+    assert needle in one_line_error(_cli(*args))
+
+
+def test_item6_output_under_a_file_is_refused_before_any_work(digits_csg_run, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output path was checked")
+    monkeypatch.setattr(importlib.import_module("csgguard.train"), "load_dataset", no_work)
+    monkeypatch.setattr(importlib.import_module("csgguard.fitting"), "load_model", no_work)
+    for args in (["train", "--out", blocker / "run"],
+                 ["fit", "--run", digits_csg_run, "--out", blocker / "d.json"],
+                 ["attack", "--run", digits_csg_run, "--out", blocker / "a.npz"],
+                 ["attack", "--run", digits_csg_run, "--out", tmp_path / "a.npz", "--save-images", blocker / "png"],
+                 ["inspect", "--run", digits_csg_run, "--heatmap", blocker / "h.png"]):
+        line = one_line_error(_cli(*args))
+        assert "is a file" in line and str(blocker) in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing half-written
+
+
+# ----------------------------------------------------------------------------- item 7: data quietly wrong
+
+def _cifar_py(root, labels=None, data=None):
+    import pickle
+
+    import numpy as np
+
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": list(range(10))}
+        if name == "data_batch_2":
+            if labels is not None:
+                batch["labels"] = labels
+            if data is not None:
+                batch["data"] = data
+        (d / name).write_bytes(pickle.dumps(batch))  # test data; csgguard reads it with a restricted unpickler
+
+
+def _cifar_cases():
+    import numpy as np
+
+    return [
+        dict(labels=[0, 1, 2]),                                    # 3 labels for 10 images
+        dict(labels=list(range(5, 15))),                           # labels out of 0..9
+        dict(labels=[[0]] * 10),                                   # labels not a flat list
+        dict(data=np.zeros((10, 100), dtype=np.uint8)),            # wrong image size
+        dict(data=np.zeros((10, 3072), dtype=np.float64)),         # wrong dtype
+        dict(data=np.zeros((0, 3072), dtype=np.uint8), labels=[]),  # empty batch
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_item7_malformed_cifar_batches_are_refused(tmp_path, case):
+    from csgguard.data import load_cifar10_dataset
+    from csgguard.errors import DataError
+
+    _cifar_py(tmp_path, **_cifar_cases()[case])
+    with pytest.raises(DataError, match="data_batch_2"):
+        load_cifar10_dataset(tmp_path)
+    line = one_line_error(_cli("train", "--data", "cifar10", "--data-root", tmp_path, "--out", tmp_path / "run"))
+    assert "data_batch_2" in line
+
+
+def _png_tree(root, classes, n=6):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        folder = os.path.join(os.fsencode(root), os.fsencode(c))
+        os.makedirs(folder, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(
+                os.fsdecode(os.path.join(folder, f"{i}.png".encode())))
+
+
+@pytest.mark.parametrize("classes,needle", [
+    (["only"], "only 1 class"),
+    (["a\nb", "c"], "control characters"),
+    (["a\x1b[31m", "c"], "control characters"),
+    ([b"caf\xe9", "c"], "not UTF-8"),
+])
+def test_item7_one_class_and_unprintable_class_names_are_refused(tmp_path, classes, needle):
+    _png_tree(tmp_path / "imgs", classes)
+    line = one_line_error(_cli("train", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out", tmp_path / "run"))
+    assert needle in line and "\x1b" not in line
+    assert not (tmp_path / "run" / "model.json").exists()
+
+
+# ----------------------------------------------------------------------------- item 9: links in training data
+
+@pytest.mark.parametrize("how", ["class-folder", "file", "loop"])
+def test_item9_training_data_never_leaves_its_folder(tmp_path, how):
+    _png_tree(tmp_path / "imgs", ["a", "b"])
+    _png_tree(tmp_path / "foreign", ["x"], n=3)
+    if how == "class-folder":
+        os.symlink(tmp_path / "foreign" / "x", tmp_path / "imgs" / "c")
+    elif how == "file":
+        os.symlink(tmp_path / "foreign" / "x" / "0.png", tmp_path / "imgs" / "a" / "z.png")
+    else:
+        os.symlink("loop.png", tmp_path / "imgs" / "a" / "loop.png")
+    line = one_line_error(_cli("train", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out", tmp_path / "run"))
+    assert ("symlink loop" if how == "loop" else "leads outside") in line
+
+
+# ----------------------------------------------------------------------------- items 10-11: runs
+
+def test_item11_a_second_writer_of_a_run_folder_is_refused(digits_csg_run, tmp_path):
+    from csgguard.artifacts import LOCK_FILE, folder_lock
+
+    run = tmp_path / "run"
+    with folder_lock(run, "train"):  # another process training into run/ (flock: per open file, so it works here)
+        line = one_line_error(_cli("train", "--out", run, "--epochs", "1"))
+        assert "in use by another csgguard process" in line and f"pid {os.getpid()}" in line
+        assert "in use" in one_line_error(_cli("fit", "--run", digits_csg_run, "--out", run / "d.json"))
+        assert "in use" in one_line_error(_cli("attack", "--run", digits_csg_run, "--out", run / "a.npz"))
+    assert not (run / LOCK_FILE).exists()
+    (run / LOCK_FILE).write_text("pid 999999999, csgguard train, since long ago")  # left by a killed process
+    with folder_lock(run, "train"):                                                # is taken over
+        assert str(os.getpid()) in (run / LOCK_FILE).read_text()
+
+
+def test_item11_two_processes(tmp_path):
+    """A real second process is refused while the first holds the lock."""
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom csgguard.artifacts import folder_lock\n"
+        f"with folder_lock({str(run)!r}, 'train'):\n    print('held', flush=True)\n    time.sleep(30)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.perf_counter()
+        line = one_line_error(_cli("train", "--out", run, "--epochs", "1"))
+        assert f"pid {holder.pid}" in line and time.perf_counter() - start < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    from csgguard.artifacts import folder_lock
+
+    with folder_lock(run, "train"):  # the kernel released the dead holder's lock
+        pass
+
+
+# ----------------------------------------------------------------------------- item 13: --save-images
+
+def test_item13_saved_pngs_are_all_still_adversarial(digits_csg_run, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from csgguard import load_model
+
+    png = tmp_path / "png"
+    r = _cli("attack", "--run", digits_csg_run, "--method", "deepfool", "--steps", "20", "--limit", "60",
+             "--out", tmp_path / "df.npz", "--save-images", png, "--format", "json", "--no-progress")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["png_dropped"] > 0 and "dropped" in r.stderr  # DeepFool stops at the boundary
+    files = sorted(png.glob("*.png"))
+    assert len(files) == summary["png_written"] == summary["succeeded"] - summary["png_dropped"]
+    model = load_model(digits_csg_run).model
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32) / 255.0)[None] for f in files])
+    with torch.no_grad():
+        pred = model(x).argmax(1).tolist()
+    for f, p in zip(files, pred, strict=True):
+        true, adv = (int(v) for v in f.stem.split("_true")[1].split("_adv"))
+        assert p == adv != true, f.name
+
+
+# ----------------------------------------------------------------------------- items 12, 15: image-folder runs
+
+def test_item15_image_folder_split_is_described_and_sized(tmp_path):
+    _png_tree(tmp_path / "imgs", ["a", "b"], n=10)
+    r = _cli("train", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out", tmp_path / "run", "--epochs", "1",
+             "--no-progress", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert "flat tree: 80% train / 20% test" in r.stderr and "14 train / 2 val / 4 test" in r.stderr, r.stderr
+    help_text = _cli("train", "--help").stdout
+    assert "80/20" in help_text and "recipe" in help_text
+
+
+@pytest.mark.skipif(not hasattr(__import__("csgguard.data").data, "load_run_dataset"),
+                    reason="needs issue 12's load_run_dataset (one resolver for a run's data)")
+def test_item12_image_folder_run_goes_train_attack_fit_screen(tmp_path):
+    _png_tree(tmp_path / "imgs", ["a", "b", "c"], n=30)
+    run = tmp_path / "run"
+    steps = [["train", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out", run, "--epochs", "2"],
+             ["attack", "--run", run, "--method", "fgsm", "--eps", "0.1", "--save-images", tmp_path / "adv"],
+             ["fit", "--run", run, "--fpr", "0.1"],
+             ["screen", "-r", tmp_path / "imgs", "--run", run, "--format", "jsonl"]]
+    for args in steps:
+        r = _cli(*args, "--no-progress")
+        assert r.exit_code == 0, (args[0], r.output)
+
+
+# ----------------------------------------------------------------------------- item 16: piped output
+
+def test_item16_piped_tables_are_not_wrapped(fitted_run, hostile_tree):
+    r = _screen(hostile_tree, fitted_run)  # CliRunner's stdout is not a terminal, like a pipe
+    long_path = str(hostile_tree.root / "=HYPERLINK(1).png")
+    assert long_path in r.stdout  # whole, on one line
+    from csgguard.cli.common import emit_rows
+
+    rows = [{c: "csg-clean" for c in ("model", "detector", "attack", "seen", "auroc", "tpr_at_5pct_fpr")}]
+    out = CliRunner().invoke(main, ["--help"])  # warm click
+    assert out.exit_code == 0
+    import contextlib
+    import sys
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert not sys.stdout.isatty()
+        emit_rows(rows, list(rows[0]), "table", title="evaluate")
+    assert "tpr_at_5pct_fpr" in buf.getvalue() and "csg-clean" in buf.getvalue()
+
+
+def test_item16_plain_progress_lines_on_a_non_terminal(monkeypatch):
+    from csgguard.progress import PlainProgress, make_progress
+
+    monkeypatch.delenv("CSGGUARD_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("CSGGUARD_PROGRESS_INTERVAL", "0")
+    bar = make_progress(None)  # pytest's stderr is not a terminal
+    assert isinstance(bar, PlainProgress)
+    buf = io.StringIO()
+    bar.stream = buf
+    with bar:
+        t = bar.add_task("attack", total=4, info="")
+        for _ in range(4):
+            bar.advance(t, 1)
+            bar.update(t, info="flagged 1")
+    lines = buf.getvalue().splitlines()
+    assert lines and lines[-1].startswith("attack: 4/4 (100.0%)") and "\x1b" not in buf.getvalue()
+    assert make_progress(False).__class__.__name__ == "_NullProgress"

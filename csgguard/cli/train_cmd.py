@@ -36,6 +36,35 @@ def data_options(f):
     return f
 
 
+class _SplitFirst:
+    """The training log, preceded (once the data has been read) by how an image folder was split."""
+
+    def __init__(self, data: str) -> None:
+        self.data, self.said = data, False
+
+    def __call__(self, message: str) -> None:
+        if not self.said:
+            self.said = True
+            _describe_split(self.data)
+        log(message)
+
+
+def _describe_split(data: str) -> None:
+    """Say how an image folder is split (train.py's first line then gives the sizes)."""
+    from pathlib import Path
+
+    if not data.startswith("imagefolder:"):
+        return
+    root = Path(data.split(":", 1)[1])
+    if (root / "train.tar.gz").is_file() and (root / "test.tar.gz").is_file():
+        how = "train.tar.gz -> train, test.tar.gz -> test"
+    elif (root / "train").is_dir() and (root / "test").is_dir():
+        how = f"{root / 'train'} -> train, {root / 'test'} -> test"
+    else:
+        how = "flat tree: 80% train / 20% test (stratified, seed 0)"
+    log(f"image-folder split: {how}; 10% of train held out as val")
+
+
 @main.command("train")
 @data_options
 @click.option("--out", type=click.Path(file_okay=False), default="runs/default", show_default=True,
@@ -112,7 +141,7 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
                       amp=amp, sync_bn=sync_bn)
     lock = folder_lock(out, "train") if is_main_process() else contextlib.nullcontext()
     with lock:
-        result = train(cfg, out, resume=resume, progress=progress, log=log)
+        result = train(cfg, out, resume=resume, progress=progress, log=_SplitFirst(data))
     if not is_main_process():  # under torchrun only rank 0 reports (and wrote the run directory)
         return
     log(f"wrote {result.run_dir}/model.safetensors and model.json")
