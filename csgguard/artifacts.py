@@ -7,10 +7,12 @@ from a stranger can at worst be refused, never executed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import ArtifactError
+from .errors import ArtifactError, CsgguardError
 
 DEFAULT_RUN = Path("runs/default")
 _UMASK = os.umask(0o022)
@@ -61,6 +63,102 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be created or written.
+
+    ``path`` may not exist yet: its nearest existing ancestor must be a writable folder
+    (not a file). Nothing is created here.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CsgguardError(f"{what} {path}: is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link in the way
+            raise CsgguardError(f"{what} {path}: {probe} is a broken symlink")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CsgguardError(f"{what} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CsgguardError(f"{what} {path}: folder {probe} is not writable")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """:func:`check_output_dir` for the folder of an output file; the file itself must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise CsgguardError(f"{what} {path}: is a folder; give a file name")
+    check_output_dir(path.parent, what=what)
+    return path
+
+
+LOCK_FILE = ".csgguard.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, command: str):
+    """Hold an exclusive lock on ``folder`` while a command writes into it; refuse a second holder.
+
+    The lock is ``flock`` on ``FOLDER/.csgguard.lock``, which also records the holder's
+    pid and command. The kernel drops the lock when its process dies, so a lock file
+    left by a killed process is stale by construction and simply taken over; there is
+    nothing to clean by hand. The file is removed on release (re-checked by inode, so a
+    process that raced the removal retries instead of locking a deleted file).
+    """
+    import fcntl
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CsgguardError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from None
+    lock = folder / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CsgguardError(f"{folder}: cannot write a lock file there ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise CsgguardError(f"{folder}: in use by another csgguard process ({holder}); wait for it to "
+                                "finish or choose another folder") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was removed (or replaced) between open and flock: try again
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}, csgguard {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.NAME.XXXX.tmp`` files :func:`atomic_write_bytes` leaves when killed mid-write.
+
+    Only call it while holding :func:`folder_lock` on ``folder`` (no live writer then).
+    """
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file() and not p.is_symlink():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 def to_jsonable(obj: Any) -> Any:
     """Convert numpy / torch scalars and arrays, paths and tuples into JSON types."""
     import numpy as np
@@ -86,30 +184,100 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
+class _NotFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str):
+    raise _NotFinite(f"{name} is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _NotFinite(f"{text} is not a finite number")
+    return value
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and numbers that overflow a float (1e400)."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+MAX_JSON_BYTES = 256 << 20  # a manifest is kilobytes; a history of a long run a few megabytes
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
+    """A JSON object from ``path``; every number in it finite (NaN, Infinity, 1e400 are refused)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: {what} not found")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ArtifactError(f"{path}: {what} is {path.stat().st_size} bytes; refusing more than {MAX_JSON_BYTES}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except _NotFinite as exc:
+        raise ArtifactError(f"{path}: {exc} (every number in a {what} must be finite)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: expected a JSON object at the top level")
     return data
 
 
+def canonical_json(obj: Any) -> str:
+    """One spelling of a JSON value (sorted keys, no spaces): what a hash or a comparison covers."""
+    return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+_META_KEY = "csgguard"
+
+
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> str:
     """Atomically write a safetensors file; return its sha256 (to record in the manifest)."""
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    data = st_save(clean, metadata=dict(metadata) if metadata else None)
+    # safetensors keeps metadata in a hash map whose order changes run to run; one key holding
+    # canonical JSON makes the bytes (and so the recorded sha256) a function of the content alone
+    data = st_save(clean, metadata={_META_KEY: canonical_json(dict(metadata))} if metadata else None)
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 
 
-def load_tensors(path: str | os.PathLike, expected_sha256: str | None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file after checking its hash; never unpickles anything."""
+def safetensors_metadata(data: bytes, path: str | os.PathLike = "") -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors blob (its JSON header), without reading tensors."""
+    import struct
+
+    if len(data) < 8:
+        raise ArtifactError(f"{path}: not a valid safetensors file (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ArtifactError(f"{path}: not a valid safetensors file (header of {n} bytes)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ArtifactError(f"{path}: not a valid safetensors file (header is not JSON)") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        return {}
+    if set(meta) == {_META_KEY}:
+        try:
+            inner = json.loads(meta[_META_KEY])
+        except json.JSONDecodeError:
+            raise ArtifactError(f"{path}: damaged metadata (not JSON)") from None
+        if not isinstance(inner, dict):
+            raise ArtifactError(f"{path}: damaged metadata (not a JSON object)")
+        meta = inner
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def load_tensors(path: str | os.PathLike, expected_sha256: str | None, *,
+                 with_metadata: bool = False):
+    """Read a safetensors file after checking its hash; never unpickles anything.
+
+    ``with_metadata=True`` returns ``(tensors, metadata)``: the metadata strings are
+    covered by the same hash, so a manifest copy kept there cannot be edited alone.
+    """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: weights file not found")
@@ -122,9 +290,10 @@ def load_tensors(path: str | os.PathLike, expected_sha256: str | None) -> dict[s
                 f"{expected_sha256[:12]}... (file altered or from another run); refusing to load"
             )
     try:
-        return st_load(data)
+        tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ArtifactError(f"{path}: not a valid safetensors file ({exc})") from None
+    return (tensors, safetensors_metadata(data, path)) if with_metadata else tensors
 
 
 def library_versions() -> dict[str, str]:

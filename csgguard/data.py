@@ -269,11 +269,65 @@ def _decode_many(items: list[tuple[str, bytes, int]], mode: str | None, size: in
     return images, labels
 
 
+def _check_class_name(name: str, where: str) -> str:
+    """A class name becomes a label in model.json and in every report: printable UTF-8 text only."""
+    from .safetext import visible
+
+    if not name or not name.isprintable():  # control characters, surrogates (non-UTF-8 bytes), separators
+        raise DataError(f"{where}: class folder {visible(name)!r} has a name with control characters or bytes "
+                        "that are not UTF-8; rename it")
+    return name
+
+
+def _image_files(folder: Path, root: Path) -> list[Path]:
+    """Image files under ``folder``, sorted; refuses links leaving ``root``, loops and unreadable folders."""
+    import errno
+
+    real_root = os.path.realpath(root)
+    out: list[Path] = []
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError as exc:
+            raise DataError(f"{d}: cannot list folder ({exc.strerror or exc.__class__.__name__})") from None
+        for e in entries:
+            p = Path(e.path)
+            if e.is_symlink():
+                try:
+                    target = os.path.realpath(p, strict=True)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        raise DataError(f"{p}: symlink loop") from None
+                    if p.suffix.lower() in IMAGE_SUFFIXES:
+                        raise DataError(f"{p}: broken symlink") from None
+                    continue
+                if target != real_root and not target.startswith(real_root.rstrip(os.sep) + os.sep):
+                    raise DataError(f"{p}: symlink leads outside the dataset folder {root} (-> {target}); "
+                                    "training data must live inside it (copy the files in)")
+                if os.path.isdir(target):
+                    continue  # a link to a folder inside the tree: its files are read under their real path
+            elif e.is_dir(follow_symlinks=False):
+                stack.append(p)
+                continue
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                out.append(p)
+    return sorted(out, key=lambda q: os.fsencode(q))
+
+
 def _scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, bytes, int]]]:
+    """Class-per-folder images under ``root``. Symlinks may not leave ``root`` (nor loop); a class
+    folder name must be printable UTF-8; at least two classes must hold images."""
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    classes = classes or found
+    try:
+        listed = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list folder ({exc.strerror or exc.__class__.__name__})") from None
+    found = sorted(e.name for e in listed if e.is_dir())
+    classes = classes or [_check_class_name(c, str(root)) for c in found]
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
     items = []
@@ -281,12 +335,27 @@ def _scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str
         folder = root / cls
         if not folder.is_dir():
             continue
-        for p in sorted(folder.rglob("*")):
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+        real, real_root = os.path.realpath(folder), os.path.realpath(root)
+        if not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise DataError(f"{folder}: class folder is a symlink that leads outside the dataset folder {root} "
+                            f"(-> {real}); training data must live inside it (copy the files in)")
+        for p in _image_files(folder, root):
+            try:
                 items.append((str(p), p.read_bytes(), label))
+            except OSError as exc:
+                raise DataError(f"{p}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     if not items:
         raise DataError(f"{root}: image folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return classes, items
+
+
+def _require_classes(classes: list[str], items: list[tuple[str, bytes, int]], where: str) -> None:
+    """Two classes with images at least: one class trains to a meaningless 'accuracy 1.0'."""
+    used = sorted({label for _, _, label in items})
+    if len(used) < 2:
+        names = ", ".join(classes[i] for i in used) or "none"
+        raise DataError(f"{where}: images of only {len(used)} class ({names}); a classifier needs at least two "
+                        "class sub-folders holding images")
 
 
 def _scan_tar(path: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, bytes, int]]]:
@@ -300,6 +369,7 @@ def _scan_tar(path: Path, classes: list[str] | None = None) -> tuple[list[str], 
                 parts = Path(m.name).parts
                 if len(parts) < 2:
                     continue
+                _check_class_name(parts[-2], str(path))
                 f = tar.extractfile(m)
                 if f is not None:
                     raw.append((parts[-2], f"{path}:{m.name}", f.read()))
@@ -364,6 +434,7 @@ def load_imagefolder_dataset(path: str | os.PathLike, *, name: str = "imagefolde
     if all(t.is_file() for t in tars):
         def build():
             cls, tr = _scan_tar(tars[0], classes)
+            _require_classes(cls, tr, str(tars[0]))
             _, te = _scan_tar(tars[1], cls)
             xtr, ytr = _decode_many(tr, mode, image_size)
             xte, yte = _decode_many(te, "L" if xtr.shape[1] == 1 else "RGB", xtr.shape[2])
@@ -373,11 +444,13 @@ def load_imagefolder_dataset(path: str | os.PathLike, *, name: str = "imagefolde
                      class_sorted=True)
     if (root / "train").is_dir() and (root / "test").is_dir():
         cls, tr = _scan_folder(root / "train", classes)
+        _require_classes(cls, tr, str(root / "train"))
         _, te = _scan_folder(root / "test", cls)
         xtr, ytr = _decode_many(tr, mode, image_size)
         xte, yte = _decode_many(te, "L" if xtr.shape[1] == 1 else "RGB", xtr.shape[2])
         return _make(name, cls, xtr, ytr, xte, yte, val_fraction, seed, str(root), class_sorted=True)
     cls, items = _scan_folder(root, classes)
+    _require_classes(cls, items, str(root))
     x, y = _decode_many(items, mode, image_size)
     from sklearn.model_selection import train_test_split
 
@@ -424,6 +497,23 @@ class _CifarUnpickler:
             raise DataError(f"{path}: cannot read CIFAR-10 batch ({exc.__class__.__name__})") from None
 
 
+def _cifar_arrays(data, labels, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Check one batch's arrays: (N, 3072) uint8 images, N integer labels in 0..9."""
+    try:
+        x = np.asarray(data)
+        y = np.asarray(labels)
+    except Exception:
+        raise DataError(f"{path}: 'data' / 'labels' are not arrays (not a CIFAR-10 batch)") from None
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or x.shape[0] == 0:
+        raise DataError(f"{path}: 'data' must be N x 3072 uint8, got {x.dtype} {tuple(x.shape)}")
+    if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(x):
+        raise DataError(f"{path}: {len(x)} images but labels of shape {tuple(y.shape)} ({y.dtype}); "
+                        "need one integer label per image")
+    if len(y) and (y.min() < 0 or y.max() > 9):
+        raise DataError(f"{path}: labels outside 0..9 ({int(y.min())}..{int(y.max())})")
+    return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
+
+
 def _cifar_py(folder: Path) -> tuple[np.ndarray, ...]:
     parts = []
     for fname in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -431,8 +521,9 @@ def _cifar_py(folder: Path) -> tuple[np.ndarray, ...]:
         if not p.is_file():
             raise DataError(f"{p}: CIFAR-10 batch not found")
         d = _CifarUnpickler.load(p)
-        data = np.asarray(d.get("data"), dtype=np.uint8).reshape(-1, 3, 32, 32)
-        parts.append((data, np.asarray(d.get("labels"), dtype=np.int64)))
+        if not isinstance(d, dict) or "data" not in d or "labels" not in d:
+            raise DataError(f"{p}: not a CIFAR-10 batch (expected a dict with 'data' and 'labels')")
+        parts.append(_cifar_arrays(d["data"], d["labels"], p))
     xtr = np.concatenate([p[0] for p in parts[:5]])
     ytr = np.concatenate([p[1] for p in parts[:5]])
     return xtr, ytr, parts[5][0], parts[5][1]
@@ -444,10 +535,10 @@ def _cifar_bin(folder: Path) -> tuple[np.ndarray, ...]:
         if not p.is_file():
             raise DataError(f"{p}: CIFAR-10 binary batch not found")
         raw = np.fromfile(p, dtype=np.uint8)
-        if raw.size % 3073:
-            raise DataError(f"{p}: size {raw.size} is not a multiple of 3073 (truncated?)")
+        if raw.size == 0 or raw.size % 3073:
+            raise DataError(f"{p}: size {raw.size} is not a positive multiple of 3073 (truncated?)")
         rec = raw.reshape(-1, 3073)
-        return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
+        return _cifar_arrays(rec[:, 1:], rec[:, 0], p)
 
     tr = [read(f"data_batch_{i}.bin") for i in range(1, 6)]
     xte, yte = read("test_batch.bin")

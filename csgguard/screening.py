@@ -4,13 +4,29 @@ One forward pass per batch gives the prediction and the detector's features; the
 detector's calibrated threshold (or an explicit one) decides the flag. Rows come out
 as a generator in file order, so a million-image folder streams with constant
 memory; :class:`Screener` keeps the running summary.
+
+Listing (:func:`list_inputs`) is where hostile folders are met. Policy:
+
+* a file named on the command line is read as named (links included: you chose it);
+* inside a folder, a symlink is followed only when it stays inside that folder. A link
+  that leaves it (``x.png -> /etc/passwd``), a symlink loop and a broken link each get
+  an error row and are not read; ``--follow-symlinks`` reads links that leave the
+  folder (symlinked sub-folders are then descended with ``-r``, each real folder once);
+* a sub-folder that cannot be listed gets an error row (with ``-r``); without ``-r``
+  sub-folders are skipped and counted, and a folder with no images at its top level
+  but sub-folders is a usage error that suggests ``-r``;
+* rows hold the raw path (``os.fsdecode`` text: open() takes it back); every output
+  format shows it through :func:`csgguard.safetext.visible` (control bytes,
+  backslashes and non-UTF-8 bytes escaped), so no two files print the same.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,7 +35,7 @@ import torch
 from .devices import select_device
 from .errors import CsgguardError
 from .features import features_from_outputs
-from .images import InputSpec, image_loader, list_images, printable_path, shard_files
+from .images import IMAGE_SUFFIXES, ImageFiles, InputSpec, shard_files
 from .models.store import LoadedModel, load_model
 
 ROW_FIELDS = ("path", "predicted_class", "confidence", "score", "flagged", "error", "converted")
@@ -45,7 +61,8 @@ class Screener:
                                       model_sha256=self.loaded.sha256)
         if threshold is None and not hasattr(self.detector, "threshold_"):
             raise CsgguardError("the detector has no calibrated threshold; pass --threshold or refit it")
-        self.threshold = float(threshold if threshold is not None else self.detector.threshold_)
+        self.threshold = check_threshold(threshold if threshold is not None else self.detector.threshold_,
+                                         "--threshold" if threshold is not None else "the detector's threshold")
         self.spec = InputSpec.from_manifest(self.loaded.input_spec)
         self.classes = self.loaded.classes
         self.reset()
@@ -64,16 +81,27 @@ class Screener:
         prob = torch.softmax(out.logits.float(), 1).max(1)
         return prob.indices.cpu().numpy(), prob.values.cpu().numpy(), scores
 
-    def rows(self, files: Sequence[str], *, batch_size: int = 64, workers: int = 0,
+    def rows(self, files: Sequence[str | tuple[str, str | None]], *, batch_size: int = 64, workers: int = 0,
              progress: bool | None = None) -> Iterator[dict[str, Any]]:
-        """One row per file, in order; updates :attr:`summary` as it goes."""
+        """One row per file, in order; updates :attr:`summary` as it goes.
+
+        ``files`` holds paths, or ``(path, error)`` pairs from :func:`list_inputs`: an
+        entry with an error is reported as it is and never opened.
+        """
         from .progress import make_progress
 
-        loader = image_loader(files, self.spec, batch_size=batch_size, workers=workers,
-                              pin_memory=self.device.type == "cuda")
+        entries = [(f, None) if isinstance(f, (str, bytes, os.PathLike)) else (f[0], f[1]) for f in files]
+        if batch_size < 1:
+            raise CsgguardError(f"--batch-size must be >= 1, got {batch_size}")
+        if workers < 0:
+            raise CsgguardError(f"--workers must be >= 0, got {workers}")
+        loader = torch.utils.data.DataLoader(
+            _ListedImages(entries, self.spec), batch_size=batch_size, shuffle=False, num_workers=workers,
+            collate_fn=_collate, pin_memory=self.device.type == "cuda",
+            worker_init_fn=_one_thread if workers else None, prefetch_factor=2 if workers else None)
         start = time.perf_counter()
         with make_progress(progress) as bar:
-            task = bar.add_task("screen", total=len(files), info="")
+            task = bar.add_task("screen", total=len(entries), info="")
             for pos, x, errors, conversions in loader:
                 ok = [i for i, e in enumerate(errors) if e is None]
                 pred = conf = score = None
@@ -81,7 +109,7 @@ class Screener:
                     pred, conf, score = self.score_batch(x[ok])
                 at = {j: n for n, j in enumerate(ok)}
                 for j, p in enumerate(pos):
-                    row = {"path": printable_path(files[p]), "predicted_class": None, "confidence": None,
+                    row = {"path": entries[p][0], "predicted_class": None, "confidence": None,
                            "score": None, "flagged": None, "error": errors[j], "converted": conversions[j]}
                     if j in at:
                         n = at[j]
@@ -103,19 +131,190 @@ class Screener:
         s["converted"] += row["converted"] is not None
 
 
+class _ListedImages(torch.utils.data.Dataset):
+    """:class:`~csgguard.images.ImageFiles` over listed entries; an entry the listing refused is not opened."""
+
+    def __init__(self, entries: Sequence[tuple[str, str | None]], spec: InputSpec) -> None:
+        self.entries = list(entries)
+        self.files = ImageFiles([path for path, _ in self.entries], spec)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int):
+        error = self.entries[i][1]
+        if error is not None:
+            return i, torch.zeros(self.spec.channels, self.spec.height, self.spec.width), error, None
+        return self.files[i]
+
+
+def _collate(items):
+    return [it[0] for it in items], torch.stack([it[1] for it in items]), [it[2] for it in items], \
+        [it[3] for it in items]
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def check_threshold(value: Any, name: str = "--threshold") -> float:
+    """A finite threshold with ``|t| <= 1e12`` (a NaN or 1e308 threshold would silently flag nothing)."""
+    import math
+
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise CsgguardError(f"{name} {value!r} is not a number") from None
+    if not math.isfinite(t) or abs(t) > MAX_THRESHOLD:
+        raise CsgguardError(f"{name} {t!r} is not a finite number within +-{MAX_THRESHOLD:g}")
+    return t
+
+
+MAX_THRESHOLD = 1e12
+
+
+# ----------------------------------------------------------------------------- listing
+
+@dataclass
+class Listing:
+    """What :func:`list_inputs` found: ``(path, error)`` entries sorted by raw bytes, and what it skipped."""
+
+    entries: list[tuple[str, str | None]] = field(default_factory=list)
+    skipped_subfolders: int = 0
+
+    @property
+    def files(self) -> list[str]:
+        return [p for p, e in self.entries if e is None]
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _inside(target: str, root: str) -> bool:
+    return target == root or target.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.EACCES or exc.errno == errno.EPERM:
+        return "permission denied"
+    if exc.errno == errno.ELOOP:
+        return "symlink loop"
+    return exc.strerror or exc.__class__.__name__
+
+
+def list_inputs(paths: Iterable[str | os.PathLike], *, recursive: bool = False,
+                follow_symlinks: bool = False) -> Listing:
+    """List the image files named by ``paths`` under the symlink policy of this module's docstring.
+
+    A path that does not exist at all is a usage error (:class:`CsgguardError`);
+    everything found inside folders becomes an entry, with an error when it must not
+    or cannot be read.
+    """
+    listing = Listing()
+    seen: dict[str, str | None] = {}
+
+    def add(path: str, error: str | None = None) -> None:
+        if path not in seen or (seen[path] is not None and error is None):
+            seen[path] = error
+
+    for given in paths:
+        p = os.fspath(given)
+        if isinstance(p, bytes):
+            p = os.fsdecode(p)
+        if not os.path.lexists(p):
+            raise CsgguardError(f"{p}: no such file or folder")
+        if not os.path.isdir(p):
+            add(p)
+            continue
+        root = os.path.realpath(p)
+        visited = {root}
+        stack = [p]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    found = list(it)
+            except OSError as exc:
+                add(folder, f"cannot list folder ({_reason(exc)})")
+                continue
+            for e in found:
+                full = e.path
+                image = _is_image_name(e.name)
+                try:
+                    link = e.is_symlink()
+                    if not link:
+                        if e.is_dir(follow_symlinks=False):
+                            if recursive:
+                                stack.append(full)
+                            else:
+                                listing.skipped_subfolders += 1
+                        elif image:
+                            add(full)
+                        continue
+                except OSError as exc:
+                    if image or recursive:
+                        add(full, f"cannot read ({_reason(exc)})")
+                    continue
+                try:
+                    target = os.path.realpath(full, strict=True)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        add(full, "symlink loop; not read")
+                    elif image:
+                        add(full, "broken symlink")
+                    continue
+                is_dir = os.path.isdir(target)
+                outside = not _inside(target, root)
+                if is_dir:
+                    if not recursive:
+                        listing.skipped_subfolders += 1
+                    elif outside and not follow_symlinks:
+                        add(full, f"symlinked folder leads outside {p} (-> {target}); not followed "
+                                  "(--follow-symlinks descends it)")
+                    elif follow_symlinks and target not in visited:
+                        visited.add(target)
+                        stack.append(full)
+                    # a symlinked folder inside the tree: its files are listed under their real path
+                elif image:
+                    if outside and not follow_symlinks:
+                        add(full, f"symlink leads outside {p} (-> {target}); not read "
+                                  "(--follow-symlinks reads it)")
+                    else:
+                        add(full)
+    listing.entries = sorted(seen.items(), key=lambda kv: os.fsencode(kv[0]))
+    return listing
+
+
 def screen(paths: Iterable[str | os.PathLike], run_dir: str | os.PathLike = "runs/default", *,
            detector: str | os.PathLike | None = None, threshold: float | None = None, recursive: bool = False,
-           batch_size: int = 64, workers: int = 0, shard: tuple[int, int] | None = None,
-           device: str = "auto", progress: bool | None = None) -> tuple[Screener, Iterator[dict[str, Any]]]:
+           follow_symlinks: bool = False, batch_size: int = 64, workers: int = 0,
+           shard: tuple[int, int] | None = None, device: str = "auto", progress: bool | None = None
+           ) -> tuple[Screener, Iterator[dict[str, Any]]]:
     """List, shard and screen ``paths``; return the screener (for its summary) and the row generator.
 
-    The generator is lazy: iterate it to do the work; ``screener.summary`` is final
-    once it is exhausted.
+    Everything that can be checked is checked before the model is loaded: the paths
+    exist, something was found (a folder whose images all sit in sub-folders, without
+    ``recursive``, is an error that suggests ``-r``), the threshold is finite. The
+    generator is lazy: iterate it to do the work; ``screener.summary`` is final once
+    it is exhausted.
     """
+    paths = list(paths)
+    if threshold is not None:
+        check_threshold(threshold)
+    if batch_size < 1:
+        raise CsgguardError(f"--batch-size must be >= 1, got {batch_size}")
+    listing = list_inputs(paths, recursive=recursive, follow_symlinks=follow_symlinks)
+    if not listing.entries and listing.skipped_subfolders:
+        names = ", ".join(os.fspath(p) if isinstance(os.fspath(p), str) else os.fsdecode(p) for p in paths)
+        raise CsgguardError(f"{names}: no image files at the top level; {listing.skipped_subfolders} sub-folder(s) "
+                            "not searched (pass -r / --recursive to descend)")
     screener = Screener(run_dir, detector=detector, threshold=threshold, device=device)
-    files = shard_files(list_images(paths, recursive=recursive), shard, batch_size)
+    entries = shard_files(listing.entries, shard, batch_size)
     screener.summary["shard"] = None if shard is None else f"{shard[0]}/{shard[1]}"
-    return screener, screener.rows(files, batch_size=batch_size, workers=workers, progress=progress)
+    screener.summary["skipped_subfolders"] = listing.skipped_subfolders
+    return screener, screener.rows(entries, batch_size=batch_size, workers=workers, progress=progress)
 
 
-__all__ = ["ROW_FIELDS", "Screener", "screen"]
+__all__ = ["ROW_FIELDS", "Listing", "Screener", "check_threshold", "list_inputs", "screen"]

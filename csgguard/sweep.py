@@ -46,15 +46,21 @@ BUDGET_OPTION = {"linf": "--eps", "l2": "--l2-eps"}
 def parse_fraction(value: str | float, name: str = "value") -> float:
     """'8/255' -> 0.03137..., '0.1' -> 0.1; a clear error otherwise."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(float(value)):
+            raise CsgguardError(f"{name} {value!r} is not a finite number")
         return float(value)
     text = str(value).strip()
     try:
         if "/" in text:
             num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
+            out = float(num) / float(den)
+        else:
+            out = float(text)
     except (ValueError, ZeroDivisionError):
         raise CsgguardError(f"{name} {value!r} is not a number or fraction like 8/255") from None
+    if not math.isfinite(out):
+        raise CsgguardError(f"{name} {value!r} is not a finite number")
+    return out
 
 
 def parse_budget_list(value: str | float | Sequence[str | float] | None, name: str) -> tuple[float, ...] | None:

@@ -11,8 +11,9 @@ same network on the STD path alone.
 
 The best checkpoint is the epoch with the highest validation accuracy among those
 whose gate density already meets the target (all epochs for STD); ties go to the
-later epoch. ``checkpoint.safetensors`` + ``checkpoint.json`` hold everything
-``--resume`` needs (weights, optimiser moments, RNG state, history).
+later epoch. ``checkpoint.safetensors`` holds everything ``--resume`` needs (weights,
+optimiser moments, RNG state; history and config as JSON in its header), one file
+replaced atomically each epoch.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs data-parallel: see
 :mod:`csgguard.distributed` for the sharding design; rank 0 alone validates and
@@ -35,7 +36,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .artifacts import load_tensors, read_json, save_tensors, write_json
+from .artifacts import (
+    load_tensors,
+    parse_json,
+    read_json,
+    remove_stale_temporaries,
+    save_tensors,
+    to_jsonable,
+    write_json,
+)
 from .data import Dataset, load_dataset
 from .devices import autocast, channels_last, select_device
 from .distributed import (
@@ -65,7 +74,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
                   gate_lr=1e-2, weight_decay=0.0, warmup=1, period=3, csg_from=1, augment=False),
     # CIFAR-10: a short cosine schedule with a linear LR warm-up reaches ResNet-20's usual accuracy
     # in tens of epochs instead of the 160+ of step decay (measured: README "CIFAR-10").
-    "cifar10": dict(arch="resnet20", epochs=40, batch_size=128, optimizer="sgd", lr=0.1, csg_lr=0.1,
+    "cifar10": dict(arch="resnet20", epochs=100, batch_size=128, optimizer="sgd", lr=0.1, csg_lr=0.1,
                     gate_lr=1e-2, weight_decay=5e-4, warmup=2, period=3, csg_from=2, augment=True,
                     lr_schedule="cosine", lr_warmup_epochs=1.0),
 }
@@ -461,18 +470,16 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
     history: list[dict[str, Any]] = []
     start_epoch, best_state, best_epoch = 0, None, None
     elapsed_before = 0.0
-    ckpt_json, ckpt_st = out / "checkpoint.json", out / "checkpoint.safetensors"
     if resume:  # every rank reads the checkpoint (several nodes: --out on a shared filesystem)
-        if not ckpt_json.is_file():
-            raise CsgguardError(f"{out}: nothing to resume (no checkpoint.json); drop --resume to start afresh")
-        meta = read_json(ckpt_json, "checkpoint manifest")
+        if main:
+            remove_stale_temporaries(out)  # a kill mid-write leaves .NAME.XXXX.tmp; the CLI holds out's lock
+        meta, tensors = _read_checkpoint(out)
         saved = TrainConfig.from_dict(meta["config"])
         saved.milestones = tuple(saved.milestones)
         if {k: v for k, v in saved.to_dict().items() if k != "device"} != \
                 {k: v for k, v in cfg.to_dict().items() if k != "device"}:
             raise CsgguardError(f"{out}: --resume with different settings than the interrupted run; "
                                 "rerun with the same options (or without --resume)")
-        tensors = load_tensors(ckpt_st, meta["sha256"])
         trainer.load_state_tensors(tensors)
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         best_state = best or None
@@ -560,14 +567,46 @@ def _finish(cfg: TrainConfig, out: Path, trainer: Trainer, ds: Dataset, device: 
     return summary
 
 
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
 def _write_checkpoint(out: Path, trainer: Trainer, cfg: TrainConfig, history, best_state, best_epoch,
                       seconds: float) -> None:
+    """One file, written atomically: the tensors, with the resume metadata as JSON in its header.
+
+    There is no second file to fall out of step with: a kill at any moment leaves
+    either the previous checkpoint or the new one (and at worst a ``.tmp`` file that
+    ``--resume`` removes).
+    """
     tensors = trainer.state_tensors()
     if best_state is not None:
         tensors.update({f"best.{k}": v for k, v in best_state.items()})
-    digest = save_tensors(out / "checkpoint.safetensors", tensors)
-    write_json(out / "checkpoint.json", {"config": cfg.to_dict(), "history": history, "best_epoch": best_epoch,
-                                         "seconds": seconds, "sha256": digest})
+    meta = {"config": cfg.to_dict(), "history": history, "best_epoch": best_epoch, "seconds": seconds}
+    save_tensors(out / CHECKPOINT_FILE, tensors,
+                 metadata={"format": "csgguard.checkpoint", "checkpoint": json.dumps(to_jsonable(meta))})
+    (out / "checkpoint.json").unlink(missing_ok=True)  # the two-file layout of earlier versions
+
+
+def _read_checkpoint(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The resume metadata and tensors; also reads the earlier two-file layout (hash-checked)."""
+    path, legacy = out / CHECKPOINT_FILE, out / "checkpoint.json"
+    if not path.is_file():
+        raise CsgguardError(f"{out}: nothing to resume (no {CHECKPOINT_FILE}); drop --resume to start afresh")
+    tensors, header = load_tensors(path, None, with_metadata=True)
+    if "checkpoint" in header:
+        try:
+            meta = parse_json(header["checkpoint"])
+        except ValueError as exc:
+            raise CsgguardError(f"{path}: damaged checkpoint metadata ({exc})") from None
+    elif legacy.is_file():
+        meta = read_json(legacy, "checkpoint manifest")
+        tensors = load_tensors(path, meta.get("sha256") or "missing")
+    else:
+        raise CsgguardError(f"{path}: holds no resume metadata (not a csgguard checkpoint)")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or \
+            not isinstance(meta.get("history"), list):
+        raise CsgguardError(f"{path}: damaged checkpoint metadata (config / history missing)")
+    return meta, tensors
 
 
 def evaluate_model(loaded, dataset: Dataset | None = None, split: str = "test") -> dict[str, Any]:

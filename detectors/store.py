@@ -6,6 +6,12 @@ records the parameters, the threshold and target FPR, what the fit used, the sha
 of the arrays file and the sha256 of the model weights the detector belongs to.
 Loading checks both hashes before a byte of the arrays is parsed, so a tampered file
 or a detector for another model is refused; nothing is ever unpickled.
+
+The JSON fields that decide what is flagged (name, params, fitted state, threshold,
+fpr, model hash) are also kept, canonically spelled, in the arrays file's metadata
+(format version 2), which the arrays' sha256 covers: a detector.json edited alone
+(``threshold: 1e308``) is refused. Every number is checked to be finite; the
+threshold must lie within +-1e12 and the fpr in (0, 1).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 import torch
 
 from ..artifacts import (
+    canonical_json,
     library_versions,
     load_tensors,
     read_json,
@@ -29,6 +36,9 @@ from ..errors import ArtifactError, CsgguardError
 from .base import Detector
 
 DETECTOR_FORMAT = "csgguard.detector"
+FORMAT_VERSION = 2
+COVERED = ("name", "params", "fitted", "threshold", "fpr", "model_sha256")
+MAX_THRESHOLD = 1e12
 ARRAYS_FILE = "detector.safetensors"
 MANIFEST_FILE = "detector.json"
 
@@ -49,16 +59,21 @@ def save_detector(det: Detector, path: str | os.PathLike, *, model_sha256: str,
     manifest_path, arrays_path = detector_paths(path)
     arrays, extra = det.state()
     tensors = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v))) for k, v in arrays.items()}
-    digest = save_tensors(arrays_path, tensors, metadata={"format": DETECTOR_FORMAT})
-    manifest = {
-        "format": DETECTOR_FORMAT,
-        "format_version": 1,
+    covered = to_jsonable({
         "name": det.name,
         "params": det.get_params(),
         "fitted": extra,
         "threshold": float(det.threshold_) if hasattr(det, "threshold_") else None,
         "fpr": float(det.fpr),
         "model_sha256": model_sha256,
+    })
+    _check_numbers(covered, manifest_path)
+    digest = save_tensors(arrays_path, tensors, metadata={"format": DETECTOR_FORMAT,
+                                                          "manifest": canonical_json(covered)})
+    manifest = {
+        "format": DETECTOR_FORMAT,
+        "format_version": FORMAT_VERSION,
+        **covered,
         "arrays": {"file": arrays_path.name, "sha256": digest},
         "versions": library_versions(),
         **(extra_meta or {}),
@@ -76,7 +91,36 @@ def read_detector_manifest(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("name", "params", "model_sha256", "arrays"):
         if key not in manifest:
             raise ArtifactError(f"{manifest_path}: detector manifest lacks {key!r}")
+    _check_numbers({k: manifest.get(k) for k in COVERED}, manifest_path)
     return manifest
+
+
+def _check_numbers(fields: dict[str, Any], where: Path) -> None:
+    """Threshold finite and within +-1e12, fpr in (0, 1), every number in params / fitted finite."""
+    import math
+
+    def walk(v: Any, at: str) -> None:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ArtifactError(f"{where}: {at} is {v!r}; every number must be finite")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, f"{at}.{k}")
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{at}[{i}]")
+
+    for key in ("params", "fitted"):
+        walk(fields.get(key), key)
+    t = fields.get("threshold")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                          or abs(t) > MAX_THRESHOLD):
+        raise ArtifactError(f"{where}: threshold {t!r} is not a finite number within +-{MAX_THRESHOLD:g}")
+    fpr = fields.get("fpr")
+    if fpr is not None and (isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr < 1):
+        raise ArtifactError(f"{where}: fpr {fpr!r} must be a number in (0, 1)")
+    fitted = fields.get("fitted")
+    if isinstance(fitted, dict) and "threshold_" in fitted and t is not None and fitted["threshold_"] != t:
+        raise ArtifactError(f"{where}: threshold {t!r} differs from fitted.threshold_ {fitted['threshold_']!r}")
 
 
 def load_detector(path: str | os.PathLike, *, model_sha256: str | None) -> Detector:
@@ -95,7 +139,13 @@ def load_detector(path: str | os.PathLike, *, model_sha256: str | None) -> Detec
     if not isinstance(arrays_info, dict) or not arrays_info.get("sha256"):
         raise ArtifactError(f"{manifest_path}: detector manifest has no arrays sha256; refusing to load")
     name = Path(str(arrays_info.get("file", ARRAYS_FILE))).name  # never leave the manifest's folder
-    tensors = load_tensors(manifest_path.parent / name, arrays_info["sha256"])
+    tensors, meta = load_tensors(manifest_path.parent / name, arrays_info["sha256"], with_metadata=True)
+    if "manifest" in meta:
+        if canonical_json({k: manifest.get(k) for k in COVERED}) != meta["manifest"]:
+            raise ArtifactError(f"{manifest_path}: its fields differ from the copy the arrays' hash covers "
+                                "(detector.json edited?); refusing to load")
+    elif manifest.get("format_version", 1) >= 2:
+        raise ArtifactError(f"{manifest_path}: its arrays file lacks the manifest copy format version 2 requires")
     arrays = {k: v.numpy() for k, v in tensors.items()}
     params, fitted = manifest["params"], manifest.get("fitted") or {}
     if not isinstance(params, dict) or not isinstance(fitted, dict):

@@ -63,3 +63,42 @@ def digits_csg_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_std_run(tmp_path_factory) -> Path:
     return _train(tmp_path_factory, "digits_std", False)
+
+
+@pytest.fixture()
+def hostile_tree(tmp_path, monkeypatch):
+    """The hostile-files folder of tests/hostile.py, built from one digits test image."""
+    import io
+
+    import numpy as np
+    from hostile import make_hostile_tree
+    from PIL import Image
+
+    from csgguard import load_dataset
+
+    x = load_dataset("digits").test.x()[0].numpy()
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(x[0] * 255 + 0.5, 0, 255).astype(np.uint8), "L").save(buf, format="PNG")
+    tree = make_hostile_tree(tmp_path, buf.getvalue())
+    yield tree
+    tree.restore()
+
+
+@pytest.fixture(scope="session")
+def fitted_run(tmp_path_factory, digits_csg_run) -> Path:
+    """A copy of the digits CSG run with a csg-clean detector fitted by the CLI."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from csgguard.cli import main
+
+    run = tmp_path_factory.mktemp("screen") / "run"
+    shutil.copytree(digits_csg_run, run)
+    r = CliRunner().invoke(main, ["fit", "--run", str(run), "--format", "json", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert (run / "detector.json").is_file() and (run / "detector.safetensors").is_file()
+    assert summary["clean_fit"] > 500 and 0 < summary["realised_fpr_val"] <= 0.1
+    return run

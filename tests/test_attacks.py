@@ -206,12 +206,11 @@ def test_cli_attack_writes_set_and_pngs(digits_csg_run, tmp_path):
     a = load_adversarial_set(out)
     assert summary["eps"] == pytest.approx(0.1) and summary["succeeded"] == a.meta["succeeded"]
     files = sorted(png.glob("*.png"))
-    assert len(files) == summary["png_written"] == int(a.success.sum())
-    assert 0 <= summary["png_still_adversarial"] <= len(files)
-    for f in files:
+    assert len(files) == summary["png_written"] == int(a.success.sum()) - summary["png_dropped"]
+    for f in files:  # issue 11 item 13: every PNG written still fools the model, as the name says
         index, true, adv = map(int, re.fullmatch(r"(\d+)_true(\d+)_adv(\d+)\.png", f.name).groups())
         row = int(np.flatnonzero(a.index == index)[0])
-        assert a.success[row] and a.y[row] == true and a.pred_adv[row] == adv
+        assert a.success[row] and a.y[row] == true and adv != true
 
 
 def test_cli_default_out_is_inside_run(digits_csg_run, tmp_path):

@@ -36,19 +36,6 @@ def _quantised_pred(model, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def fitted_run(tmp_path_factory, digits_csg_run) -> Path:
-    """A copy of the digits CSG run with a csg-clean detector fitted by the CLI."""
-    run = tmp_path_factory.mktemp("screen") / "run"
-    shutil.copytree(digits_csg_run, run)
-    r = _cli("fit", "--run", run, "--format", "json", "--no-progress")
-    assert r.exit_code == 0, r.output
-    summary = json.loads(r.stdout)
-    assert (run / "detector.json").is_file() and (run / "detector.safetensors").is_file()
-    assert summary["clean_fit"] > 500 and 0 < summary["realised_fpr_val"] <= 0.1
-    return run
-
-
-@pytest.fixture(scope="module")
 def image_dirs(tmp_path_factory, fitted_run):
     """clean/: 100 test PNGs; pgd/, fgsm/: attacks that still fool the model after 8-bit PNG quantisation."""
     from csgguard.attacks import run as attack

@@ -76,7 +76,10 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**cfg), tmp_path / "part", progress=False)
     assert not (tmp_path / "part" / "model.json").exists()  # no half-finished model
-    assert (tmp_path / "part" / "checkpoint.json").exists()
+    # issue 11 item 10: the checkpoint is one file (no pair a kill can split); a kill mid-write leaves a .tmp
+    assert sorted(p.name for p in (tmp_path / "part").iterdir()) == ["checkpoint.safetensors"]
+    stale = tmp_path / "part" / ".checkpoint.safetensors.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
     monkeypatch.setattr(Trainer, "run_epoch", original)
     resumed = train(TrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)
     assert len(resumed.history) == 5
@@ -84,7 +87,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     sa = load_model(tmp_path / "full").model.state_dict()
     sb = load_model(tmp_path / "part").model.state_dict()
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
-    assert not (tmp_path / "part" / "checkpoint.json").exists()
+    assert not (tmp_path / "part" / "checkpoint.safetensors").exists() and not stale.exists()
 
 
 def test_resume_with_other_settings_or_nothing_to_resume(tmp_path):

@@ -10,6 +10,8 @@ from ..errors import CsgguardError
 from ..progress import log
 from . import main
 from .common import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
     device_option,
     emit_mapping,
     format_option,
@@ -27,23 +29,24 @@ METHODS = ("fgsm", "bim", "pgd", "cw", "deepfool")
                                           "(default per dataset; not for cw/deepfool).")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default=None,
               help="Threat model (default: linf; l2 for cw and deepfool).")
-@click.option("--steps", type=int, default=None, help="Iterations (bim 10, pgd 40, deepfool 50, cw per preset).")
-@click.option("--restarts", type=int, default=None, help="pgd: tries per input in all; inputs still not adversarial get a fresh random start (default 1).")
+@click.option("--steps", type=POSITIVE_INT, default=None, help="Iterations (bim 10, pgd 40, deepfool 50, cw per preset).")
+@click.option("--restarts", type=POSITIVE_INT, default=None, help="pgd: tries per input in all; inputs still not adversarial get a fresh random start (default 1).")
 @click.option("--preset", type=click.Choice(["fast", "thorough"]), default=None,
               help="cw: fast (3 x 25 steps, default) or thorough (6 x 150 steps).")
 @run_option
 @click.option("--data-root", type=click.Path(), default=None,
               help="Dataset root (default: the one the model was trained on).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--limit", type=int, default=None, help="Attack only the first N images of the split.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=POSITIVE_INT, default=None, help="Attack only the first N images of the split.")
+@click.option("--batch-size", type=POSITIVE_INT, default=256, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @device_option
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Adversarial-set file (default RUN/attacks/<method>-<norm>-<eps|preset>-<split>.npz); "
                    "a sidecar FILE.json holds the metadata.")
 @click.option("--save-images", type=click.Path(file_okay=False), default=None,
-              help="Also write successful adversarial images as 8-bit PNG: DIR/<index>_true<y>_adv<pred>.png.")
+              help="Also write adversarial images as 8-bit PNG: DIR/<index>_true<y>_adv<pred>.png; only those "
+                   "still adversarial after rounding to 8 bits are written (the others are counted as dropped).")
 @format_option(("table", "json"))
 @progress_option
 def attack_command(method, eps, norm, steps, restarts, preset, run_dir, data_root, split, limit, batch_size, seed,
@@ -60,19 +63,37 @@ def attack_command(method, eps, norm, steps, restarts, preset, run_dir, data_roo
       csgguard attack --method cw --preset fast --limit 256
       csgguard attack --method fgsm --eps 8/255 --run runs/cifar --save-images adv_png/
     """
-    from ..attacks import (
-        attack_run_split,
-        default_output_path,
-        make_attack,
-        save_adversarial_images,
-        save_adversarial_set,
-    )
+    from ..artifacts import check_output_dir, check_output_file, folder_lock
+    from ..attacks import make_attack
 
     eps_value = parse_fraction(eps, "--eps") if eps is not None else None
     settings = {"restarts": restarts, "preset": preset}
     spec = make_attack(method, norm=norm, steps=steps, **settings)  # fail fast on a bad request
+    spec.resolve_eps(eps_value)
+
     if out is not None and Path(out).is_dir():
         raise CsgguardError(f"--out {out}: is a directory; give a file name such as {out}/{method}.npz")
+    out_dir = Path(out).parent if out else Path(run_dir) / "attacks"
+    if out is not None:
+        check_output_file(out, "--out")
+    else:
+        check_output_dir(out_dir, "--out")
+    if save_images:
+        check_output_dir(save_images, "--save-images")
+    with folder_lock(out_dir, "attack"):
+        _attack(spec, run_dir, split, limit, data_root, eps_value, batch_size, seed, device, progress, out,
+                save_images, fmt)
+
+
+def _attack(spec, run_dir, split, limit, data_root, eps_value, batch_size, seed, device, progress, out, save_images,
+            fmt):
+    from ..attacks import (
+        attack_run_split,
+        default_output_path,
+        save_adversarial_images,
+        save_adversarial_set,
+    )
+
     advset = attack_run_split(run_dir, split, spec, limit=limit, data_root=data_root, eps=eps_value,
                               batch_size=batch_size, seed=seed, device=device, progress=progress)
     meta = advset.meta
@@ -94,8 +115,8 @@ def attack_command(method, eps, norm, steps, restarts, preset, run_dir, data_roo
         model = load_model(run_dir, select_device(device)).model
         summary.update(save_adversarial_images(advset, save_images, model, batch_size=batch_size))
         summary["images_dir"] = str(save_images)
-        log(f"wrote {summary['png_written']} PNG files to {save_images}; "
-            f"{summary['png_still_adversarial']} still fool the model after 8-bit rounding")
+        log(f"wrote {summary['png_written']} PNG files to {save_images} (still adversarial after 8-bit rounding); "
+            f"dropped {summary['png_dropped']} that rounding turned back into correct predictions")
     if fmt == "json":
         emit_mapping({**summary, "settings": meta["settings"], "perturbation": pert}, "json")
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -24,16 +25,26 @@ from rich.table import Table
 
 from ..artifacts import to_jsonable
 from ..errors import CsgguardError
+from ..safetext import csv_cell, rich_safe, visible_all
 from ..sweep import parse_budget_list, parse_fraction  # noqa: F401 (re-exported for the commands)
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 stdout_console = Console(highlight=False, soft_wrap=False)
 err_console = Console(stderr=True, highlight=False)
+PIPE_WIDTH = 1_000_000  # tables on a pipe or in a file: as wide as their content, never wrapped
+
+
+def table_console() -> Console:
+    """The console tables print to: the terminal's width on a terminal, unwrapped when piped."""
+    if stdout_console.is_terminal:
+        return stdout_console
+    return Console(highlight=False, soft_wrap=False, width=PIPE_WIDTH)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True, highlight=False)
+    """One line on stderr. ``message`` is plain text: markup and control bytes in it are escaped."""
+    err_console.print(f"[bold red]error:[/] {rich_safe(message)}", soft_wrap=True, markup=True, highlight=False)
     sys.exit(code)
 
 
@@ -51,11 +62,20 @@ class CsgguardGroup(click.Group):
         except CsgguardError as exc:
             if debug:
                 raise
-            fail(str(exc).replace("\n", " "), exc.exit_code)
+            fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("interrupted")
             sys.exit(EXIT_INTERRUPTED)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
+        except click.UsageError as exc:  # a bad option value: one line too, naming the command
+            if debug:
+                raise
+            name = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            fail(f"{name}: {exc.format_message()} (see {name} --help)", EXIT_USAGE)
+        except click.ClickException as exc:
+            if debug:
+                raise
+            fail(exc.format_message(), exc.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except MemoryError:
             fail("out of memory (try a smaller --batch-size or --limit)", EXIT_INTERNAL)
@@ -101,38 +121,85 @@ def emit_rows(rows: Iterable[dict[str, Any]], columns: Sequence[str], fmt: str, 
     """Print rows as a rich table, JSON array, JSON lines or CSV on stdout."""
     rows = list(rows)
     if fmt == "json":
-        click.echo(json.dumps(to_jsonable(rows), indent=2))
+        click.echo(json_text(rows, indent=2))
     elif fmt == "jsonl":
         for r in rows:
-            click.echo(json.dumps(to_jsonable(r)))
+            click.echo(json_text(r))
     elif fmt == "csv":
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-        click.echo(buf.getvalue(), nl=False)
+        click.echo(csv_header(columns) + "".join(csv_row(r, columns) for r in rows), nl=False)
     else:
-        table = Table(title=title, show_lines=False)
+        table = Table(title=None if title is None else rich_safe(title), show_lines=False)
         for c in columns:
-            table.add_column(c, overflow="fold")
+            table.add_column(rich_safe(c), overflow="fold")
         for r in rows:
-            table.add_row(*(_fmt(r.get(c)) for c in columns))
-        stdout_console.print(table)
+            table.add_row(*(rich_safe(_fmt(r.get(c))) for c in columns))
+        table_console().print(table)
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """JSON for stdout: every string made visible (:func:`csgguard.safetext.visible`), ASCII only."""
+    return json.dumps(visible_all(to_jsonable(obj)), indent=indent)
+
+
+def csv_header(columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([csv_cell(c) for c in columns])
+    return buf.getvalue()
+
+
+def csv_row(row: dict[str, Any], columns: Sequence[str]) -> str:
+    """One CSV line: text made visible and formula-neutralised (:func:`csgguard.safetext.csv_cell`)."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([csv_cell(row.get(c)) for c in columns])
+    return buf.getvalue()
 
 
 def emit_mapping(data: dict[str, Any], fmt: str, title: str | None = None) -> None:
     """Print one record (key/value) as a table, JSON or CSV."""
     if fmt == "json":
-        click.echo(json.dumps(to_jsonable(data), indent=2))
+        click.echo(json_text(data, indent=2))
         return
     flat = {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
     if fmt == "csv":
         emit_rows([flat], list(flat), "csv")
         return
-    table = Table(title=title, show_header=False)
+    table = Table(title=None if title is None else rich_safe(title), show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
     for k, v in flat.items():
-        table.add_row(k, _fmt(v))
-    stdout_console.print(table)
+        table.add_row(rich_safe(k), rich_safe(_fmt(v)))
+    table_console().print(table)
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses NaN and infinities (click.FloatRange lets NaN through) and checks a range."""
+
+    name = "float"
+
+    def __init__(self, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def _range(self) -> str:
+        lo = "" if self.low is None else f"{self.low:g} {'<' if self.low_open else '<='} "
+        hi = "" if self.high is None else f" {'<' if self.high_open else '<='} {self.high:g}"
+        return f"{lo}x{hi}"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) and math.isfinite(value):
+            v = value
+        else:
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+            if not math.isfinite(v):
+                self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.low is not None and (v < self.low or (self.low_open and v == self.low)) or \
+                self.high is not None and (v > self.high or (self.high_open and v == self.high)):
+            self.fail(f"{v:g} is not in the range {self._range()}", param, ctx)
+        return v
+
+
+POSITIVE_INT = click.IntRange(min=1)
+NON_NEGATIVE_INT = click.IntRange(min=0)

@@ -10,6 +10,8 @@ from ..progress import log
 from ..report import SUMMARY_COLUMNS, summary_rows
 from . import main
 from .common import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
     device_option,
     emit_mapping,
     emit_rows,
@@ -38,7 +40,7 @@ def _names(value: str, what: str) -> tuple[str, ...]:
 @click.option("--detectors", default=",".join(DEFAULT_DETECTORS), show_default=True,
               help="Comma-separated detector names.")
 @click.option("--fpr", default="0.05", show_default=True, help="Target false-positive rate of the fixed threshold.")
-@click.option("--limit", type=int, default=None, help="Use this many test images (split into fit/calibration/evaluation).")
+@click.option("--limit", type=POSITIVE_INT, default=None, help="Use this many test images (split into fit/calibration/evaluation).")
 @click.option("--eps", default=None, metavar="LIST",
               help="Linf budgets of fgsm/pgd/bim and the adaptive attack, in (0, 1], e.g. 0.05,0.1 or 2/255,8/255 "
                    "(default per dataset: digits/MNIST 0.05,0.1,0.2,0.3; CIFAR-10 2/255,4/255,8/255,16/255).")
@@ -50,7 +52,7 @@ def _names(value: str, what: str) -> tuple[str, ...]:
                    "every other cell is unseen.")
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="Also run PGD against classifier + csg-clean detector together, at every Linf budget.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Fixes the splits and the attacks' randomness.")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True, help="Fixes the splits and the attacks' randomness.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Report folder (default RUN/evaluation): report.json, report.md, curve_*.png, roc_*.png, "
                    "gate_heatmap.png.")
@@ -74,12 +76,23 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
       csgguard evaluate --run runs/csg --compare-run runs/std
       csgguard evaluate --attacks pgd,pgd-l2 --eps 2/255,8/255 --l2-eps 0.5,1
     """
+    from pathlib import Path
+
+    from ..artifacts import check_output_dir, folder_lock
+
     # every value is checked before anything is loaded: a bad request costs nothing
-    report = evaluate(run_dir, compare_run=compare_run, attacks=_names(attacks, "attacks"),
-                      detectors=_names(detectors, "detectors"), fpr=parse_fraction(fpr, "--fpr"), limit=limit,
-                      seed=seed, device=device, supervised_on=_names(supervised_on, "supervised-on"),
-                      adaptive=adaptive, out=out, eps=parse_budget_list(eps, "--eps"),
-                      l2_eps=parse_budget_list(l2_eps, "--l2-eps"), data_root=data_root, progress=progress)
+    attack_names, detector_names = _names(attacks, "attacks"), _names(detectors, "detectors")
+    fpr_value = parse_fraction(fpr, "--fpr")
+    if not 0.0 < fpr_value < 1.0:
+        raise CsgguardError(f"--fpr must be between 0 and 1, got {fpr}")
+    eps_list, l2_list = parse_budget_list(eps, "--eps"), parse_budget_list(l2_eps, "--l2-eps")
+    out_dir = Path(out) if out is not None else Path(run_dir) / "evaluation"
+    check_output_dir(out_dir, "--out")
+    with folder_lock(out_dir, "evaluate"):
+        report = evaluate(run_dir, compare_run=compare_run, attacks=attack_names, detectors=detector_names,
+                          fpr=fpr_value, limit=limit, seed=seed, device=device,
+                          supervised_on=_names(supervised_on, "supervised-on"), adaptive=adaptive, out=out,
+                          eps=eps_list, l2_eps=l2_list, data_root=data_root, progress=progress)
     log(f"report: {report['out']}/report.md")
     for e in report["errors"]:
         log(f"note: {e}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -11,6 +12,9 @@ from ..fitting import fit_detector
 from ..progress import log
 from . import main
 from .common import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    FiniteFloat,
     device_option,
     emit_mapping,
     format_option,
@@ -33,17 +37,17 @@ from .common import (
                    "sweep, as `csgguard evaluate`).")
 @click.option("--l2-eps", default=None, metavar="LIST", help="L2 budgets (> 0) of pgd-l2 / bim-l2 (default: the "
                                                              "dataset's sweep).")
-@click.option("--fpr", type=float, default=0.05, show_default=True,
+@click.option("--fpr", type=FiniteFloat(0.0, 1.0, low_open=True, high_open=True), default=0.05, show_default=True,
               help="Target false-positive rate; the threshold is set on the clean val split.")
-@click.option("--limit", type=int, default=None, help="Use only the first N train images (faster fits).")
+@click.option("--limit", type=POSITIVE_INT, default=None, help="Use only the first N train images (faster fits).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Detector parameter, e.g. --param score=combined (JSON values allowed); repeatable.")
 @click.option("--data-root", type=click.Path(), default=None,
               help="Dataset root, when the run was trained on mnist/cifar10.")
 @click.option("--out", type=click.Path(), default=None,
               help="Detector file (X.json -> X.json + X.safetensors) or folder; default the run directory.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=POSITIVE_INT, default=256, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @device_option
 @format_option()
 @progress_option
@@ -64,18 +68,57 @@ def fit_command(run_dir, detector, attacks, eps, l2_eps, fpr, limit, params, dat
       csgguard fit --detector csg-supervised --attacks fgsm,pgd,pgd-l2 --eps 0.05,0.1,0.2 --l2-eps 1
       csgguard fit --run runs/std --param score=combined --out runs/std/combined.json
     """
+    from ..artifacts import check_output_dir, check_output_file, folder_lock
+
+    parsed = _parse_params(detector, params)
+    eps_list, l2_list = parse_budget_list(eps, "--eps"), parse_budget_list(l2_eps, "--l2-eps")
+    if out is not None and Path(out).suffix in (".json", ".safetensors"):
+        check_output_file(out, "--out")
+        out_dir = Path(out).parent
+    else:
+        out_dir = Path(out) if out is not None else Path(run_dir)
+        check_output_dir(out_dir, "--out")
+    with folder_lock(out_dir, "fit"):
+        _fit(run_dir, detector, attacks, eps_list, l2_list, fpr, limit, parsed, data_root, out, batch_size, seed,
+             device, fmt, progress)
+
+
+def _parse_params(detector: str, params) -> dict:
+    """--param KEY=VALUE pairs, checked against the detector's parameters before any work."""
+    import inspect
+
+    from ..artifacts import parse_json
+    from ..detectors import detector_class
+
+    cls = detector_class(detector)
+    known = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "fpr")]
     parsed = {}
     for item in params:
         if "=" not in item:
             raise CsgguardError(f"--param {item!r} must look like KEY=VALUE")
         key, value = item.split("=", 1)
+        if key not in known:
+            raise CsgguardError(f"--param {key}: detector {detector!r} has no such parameter; "
+                                f"it takes {', '.join(known) or 'none'}")
         try:
-            parsed[key] = json.loads(value)
+            parsed[key] = parse_json(value)
         except json.JSONDecodeError:
             parsed[key] = value
+        except ValueError as exc:
+            raise CsgguardError(f"--param {item}: {exc}") from None
+    try:
+        cls(**parsed)
+    except CsgguardError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise CsgguardError(f"--param: {exc}") from None
+    return parsed
+
+
+def _fit(run_dir, detector, attacks, eps_list, l2_list, fpr, limit, parsed, data_root, out, batch_size, seed, device,
+         fmt, progress):
     result = fit_detector(run_dir, detector=detector, attacks=attacks.split(","),
-                          eps=parse_budget_list(eps, "--eps"), l2_eps=parse_budget_list(l2_eps, "--l2-eps"),
-                          fpr=fpr, limit=limit,
+                          eps=eps_list, l2_eps=l2_list, fpr=fpr, limit=limit,
                           params=parsed, device=device, data_root=data_root, out=out, batch_size=batch_size,
                           seed=seed, progress=progress, log=log)
     log(f"wrote {result.path} (+ arrays); threshold {result.summary['threshold']:.4g} at target FPR {fpr:g}, "

@@ -28,6 +28,10 @@ def inspect_command(run_dir, data_root, split, heatmap, fmt):
     a classes x filters heatmap of the gate. STD models have no gate: their filters
     are listed by the class whose mean activation is highest.
     """
+    from ..artifacts import check_output_file
+
+    if heatmap:
+        check_output_file(heatmap, "--heatmap")
     report = inspect_run(run_dir, data_root=data_root, split=split,
                          heatmap=Path(heatmap) if heatmap else None)
     if report.get("heatmap"):

@@ -2,37 +2,39 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import sys
 
 import click
 
-from ..artifacts import to_jsonable
 from ..images import parse_shard
 from ..progress import log
 from ..screening import ROW_FIELDS, screen
 from . import main
-from .common import EXIT_FLAGGED, device_option, emit_rows, progress_option, run_option
+from .common import (
+    EXIT_FLAGGED,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    FiniteFloat,
+    csv_header,
+    csv_row,
+    device_option,
+    emit_rows,
+    json_text,
+    progress_option,
+    run_option,
+)
 
 
 def _stream(rows, fmt: str) -> None:
     """jsonl / csv rows are written as they come: constant memory for any folder size."""
     if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n")
-        w.writeheader()
-        click.echo(buf.getvalue(), nl=False)
+        click.echo(csv_header(ROW_FIELDS), nl=False)
     for r in rows:
         if fmt == "jsonl":
-            click.echo(json.dumps(to_jsonable(r)))
+            click.echo(json_text(r))
         else:
-            buf = io.StringIO()
-            csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n").writerow(
-                {k: ("" if r.get(k) is None else r[k]) for k in ROW_FIELDS})
-            click.echo(buf.getvalue(), nl=False)
+            click.echo(csv_row(r, ROW_FIELDS), nl=False)
 
 
 @main.command("screen")
@@ -42,11 +44,13 @@ def _stream(rows, fmt: str) -> None:
               help="Detector file (.json beside its .safetensors); default RUN/detector.json.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "jsonl", "csv"]), default="table",
               show_default=True, help="Output on stdout; jsonl and csv stream row by row.")
-@click.option("--threshold", type=float, default=None,
-              help="Flag when score > X (default: the detector's calibrated threshold).")
+@click.option("--threshold", type=FiniteFloat(-1e12, 1e12), default=None,
+              help="Flag when score > X (default: the detector's calibrated threshold); finite, |X| <= 1e12.")
 @click.option("--recursive", "-r", is_flag=True, help="Descend into sub-folders.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=0, show_default=True,
+@click.option("--follow-symlinks", is_flag=True,
+              help="Read symlinks that lead outside the folder given (default: an error row each, not read).")
+@click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True)
+@click.option("--workers", type=NON_NEGATIVE_INT, default=0, show_default=True,
               help="Decode worker processes (one thread each); 0 decodes in the main process.")
 @click.option("--shard", default=None, metavar="I/N",
               help="Screen only block I (0-based) of N of the sorted file list; the shards' JSONL outputs "
@@ -54,8 +58,8 @@ def _stream(rows, fmt: str) -> None:
 @click.option("--fail-on-flag", is_flag=True, help="Exit 1 when any image is flagged (for pipelines).")
 @device_option
 @progress_option
-def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, batch_size, workers, shard,
-                   fail_on_flag, device, progress):
+def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, follow_symlinks, batch_size, workers,
+                   shard, fail_on_flag, device, progress):
     """Score image files and flag likely adversarial ones.
 
     \b
@@ -63,6 +67,18 @@ def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, bat
     is converted to the model's input as model.json says (the `converted` column
     notes it) and gets one row: path, predicted_class, confidence, score, flagged,
     error. Unreadable files get an error row and the run goes on. Summary on stderr.
+
+    \b
+    Files and links: a file named here is read as named. Inside a folder, symlinks
+    are followed only while they stay inside it; a link leading outside, a symlink
+    loop, a broken link and a sub-folder that cannot be listed each get an error
+    row (--follow-symlinks reads links leading outside). Without -r sub-folders
+    are skipped (a folder whose images are all in sub-folders is an error).
+
+    \b
+    Paths print with control bytes, backslashes and non-UTF-8 bytes escaped
+    (\\n, \\x1b, \\xff, \\\\), so no two files print alike; in CSV a cell starting
+    with = + - @ (formula injection) gets a leading ' .
 
     \b
     Examples:
@@ -74,8 +90,8 @@ def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, bat
     Exit status: 0 ran; 1 with --fail-on-flag and something flagged; 2 usage error.
     """
     screener, rows = screen(paths, run_dir, detector=detector_path, threshold=threshold, recursive=recursive,
-                            batch_size=batch_size, workers=workers, shard=parse_shard(shard), device=device,
-                            progress=progress)
+                            follow_symlinks=follow_symlinks, batch_size=batch_size, workers=workers,
+                            shard=parse_shard(shard), device=device, progress=progress)
     try:
         if fmt in ("jsonl", "csv"):
             _stream(rows, fmt)
@@ -85,6 +101,8 @@ def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, bat
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     s = screener.summary
+    if s.get("skipped_subfolders"):
+        log(f"note: skipped {s['skipped_subfolders']} sub-folder(s) (pass -r / --recursive to descend)")
     log(f"screened {s['images']} images: {s['flagged']} flagged, {s['errors']} errors, {s['converted']} converted "
         f"(threshold {s['threshold']:.4g}{', shard ' + s['shard'] if s.get('shard') else ''})")
     if fail_on_flag and s["flagged"]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from ..data import DATASET_NAMES
@@ -9,15 +11,58 @@ from ..distributed import is_main_process
 from ..progress import log
 from ..train import TrainConfig, train
 from . import main
-from .common import device_option, emit_mapping, format_option, progress_option
+from .common import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    FiniteFloat,
+    device_option,
+    emit_mapping,
+    format_option,
+    progress_option,
+)
+
+POSITIVE = FiniteFloat(0.0, low_open=True)
+NON_NEGATIVE = FiniteFloat(0.0)
 
 
 def data_options(f):
     f = click.option("--data-root", type=click.Path(), default=None,
                      help="Directory holding the dataset files (mnist, cifar10); env CSGGUARD_DATA_ROOT.")(f)
     f = click.option("--data", default="digits", show_default=True,
-                     help=f"Dataset: {', '.join(DATASET_NAMES)}.")(f)
+                     help=f"Dataset: {', '.join(DATASET_NAMES)}. An image folder (imagefolder:PATH, one "
+                          "sub-folder per class, at least two classes) with train/ and test/ sub-trees uses "
+                          "them; a flat tree is split 80/20 (stratified, seed 0) into train/test; 10% of "
+                          "train is held out for validation either way. Symlinks leaving PATH are refused.")(f)
     return f
+
+
+class _SplitFirst:
+    """The training log, preceded (once the data has been read) by how an image folder was split."""
+
+    def __init__(self, data: str) -> None:
+        self.data, self.said = data, False
+
+    def __call__(self, message: str) -> None:
+        if not self.said:
+            self.said = True
+            _describe_split(self.data)
+        log(message)
+
+
+def _describe_split(data: str) -> None:
+    """Say how an image folder is split (train.py's first line then gives the sizes)."""
+    from pathlib import Path
+
+    if not data.startswith("imagefolder:"):
+        return
+    root = Path(data.split(":", 1)[1])
+    if (root / "train.tar.gz").is_file() and (root / "test.tar.gz").is_file():
+        how = "train.tar.gz -> train, test.tar.gz -> test"
+    elif (root / "train").is_dir() and (root / "test").is_dir():
+        how = f"{root / 'train'} -> train, {root / 'test'} -> test"
+    else:
+        how = "flat tree: 80% train / 20% test (stratified, seed 0)"
+    log(f"image-folder split: {how}; 10% of train held out as val")
 
 
 @main.command("train")
@@ -25,32 +70,33 @@ def data_options(f):
 @click.option("--out", type=click.Path(file_okay=False), default="runs/default", show_default=True,
               help="Run directory to write (model.safetensors, model.json, metrics.jsonl, summary.json).")
 @click.option("--arch", default=None, help="Backbone: small_cnn, resnet20, resnet32, resnet18, resnet50 "
-                                           "(default per dataset).")
-@click.option("--width", type=int, default=None, help="Filters K in the gated layer (backbone default).")
+                                           "(default per dataset; an image folder gets small_cnn and the "
+                                           "mnist recipe, or the cifar10 recipe with --arch resnet20/32).")
+@click.option("--width", type=POSITIVE_INT, default=None, help="Filters K in the gated layer (backbone default).")
 @click.option("--gate/--no-gate", default=True, show_default=True,
               help="--no-gate trains the STD baseline (same network, STD path only).")
-@click.option("--epochs", type=int, default=None, help="Epochs (default per dataset: digits 30, mnist 6, cifar10 40).")
-@click.option("--batch-size", type=int, default=None)
+@click.option("--epochs", type=POSITIVE_INT, default=None, help="Epochs (default per dataset: digits 30, mnist 6, cifar10 100).")
+@click.option("--batch-size", type=POSITIVE_INT, default=None)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None)
-@click.option("--lr", type=float, default=None, help="STD-path learning rate.")
-@click.option("--csg-lr", type=float, default=None, help="CSG-path learning rate (network weights).")
-@click.option("--gate-lr", type=float, default=None, help="Learning rate of the gate (Adam).")
-@click.option("--weight-decay", type=float, default=None)
+@click.option("--lr", type=POSITIVE, default=None, help="STD-path learning rate.")
+@click.option("--csg-lr", type=POSITIVE, default=None, help="CSG-path learning rate (network weights).")
+@click.option("--gate-lr", type=POSITIVE, default=None, help="Learning rate of the gate (Adam).")
+@click.option("--weight-decay", type=NON_NEGATIVE, default=None)
 @click.option("--lr-schedule", type=click.Choice(["step", "cosine"]), default=None,
               help="step: x0.1 at 40/60/80% of the epochs; cosine: per-step cosine to 0 after a linear "
                    "warm-up (default per dataset: cifar10 cosine, others step).")
-@click.option("--lr-warmup-epochs", type=float, default=None, help="Linear LR warm-up length (cosine only).")
-@click.option("--label-smoothing", type=float, default=0.0, show_default=True,
+@click.option("--lr-warmup-epochs", type=NON_NEGATIVE, default=None, help="Linear LR warm-up length (cosine only).")
+@click.option("--label-smoothing", type=FiniteFloat(0.0, 1.0, high_open=True), default=0.0, show_default=True,
               help="Label smoothing of every cross-entropy (0 keeps logits unsquashed for the detectors).")
 @click.option("--schedule", type=click.Choice(["alternate", "joint"]), default="alternate", show_default=True,
               help="alternate: per-epoch STD/CSG alternation (reference); joint: summed losses every step.")
-@click.option("--warmup", type=int, default=None, help="STD-only epochs before the alternation starts.")
-@click.option("--period", type=int, default=None, help="Alternation period in epochs.")
-@click.option("--csg-from", type=int, default=None, help="An epoch is CSG when epoch %% period >= this (m).")
-@click.option("--density", type=float, default=0.2, show_default=True, help="Target gate L1-density d.")
-@click.option("--lam", type=float, default=1e-3, show_default=True, help="Sparsity hinge weight lambda.")
+@click.option("--warmup", type=NON_NEGATIVE_INT, default=None, help="STD-only epochs before the alternation starts.")
+@click.option("--period", type=POSITIVE_INT, default=None, help="Alternation period in epochs.")
+@click.option("--csg-from", type=NON_NEGATIVE_INT, default=None, help="An epoch is CSG when epoch %% period >= this (m).")
+@click.option("--density", type=FiniteFloat(0.0, 1.0, low_open=True), default=0.2, show_default=True, help="Target gate L1-density d.")
+@click.option("--lam", type=NON_NEGATIVE, default=1e-3, show_default=True, help="Sparsity hinge weight lambda.")
 @click.option("--augment/--no-augment", default=None, help="Random crop + flip (default on for cifar10).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @device_option
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (+ channels-last) where the device runs bf16 natively: CUDA, or a CPU "
                    "with AVX512-BF16/AMX; a no-op elsewhere.")
@@ -75,15 +121,29 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
       torchrun --nproc_per_node 4 -m csgguard train --data cifar10 --data-root DIR --out runs/c10
                                                        # data-parallel on 4 GPUs (rank 0 writes --out)
 
+    \b
+    Image folders (--data imagefolder:PATH): PATH/train + PATH/test sub-trees are
+    used as the train and test splits; a flat class-per-folder tree is split 80/20
+    (stratified, seed 0). Either way 10% of train becomes the validation split. The
+    recipe is mnist's (small_cnn, adam, lr 1e-3, 6 epochs) unless --arch resnet20 or
+    resnet32 selects cifar10's (sgd 0.1, cosine, 40 epochs); every value can be set.
+    The split sizes are printed before training starts.
+
     Prints the summary (test_accuracy, gate_density, mis, epochs, seconds).
+    --out is locked while training: a second process writing it is refused.
     """
+    from ..artifacts import check_output_dir, folder_lock
+
+    check_output_dir(out, "--out")
     cfg = TrainConfig(data=data, data_root=data_root, arch=arch, width=width, gate=gate, epochs=epochs,
                       batch_size=batch_size, optimizer=optimizer, lr=lr, csg_lr=csg_lr, gate_lr=gate_lr,
                       weight_decay=weight_decay, lr_schedule=lr_schedule, lr_warmup_epochs=lr_warmup_epochs,
                       label_smoothing=label_smoothing, schedule=schedule, warmup=warmup, period=period,
                       csg_from=csg_from, density=density, lam=lam, augment=augment, seed=seed, device=device,
                       amp=amp, sync_bn=sync_bn, train_limit=train_limit)
-    result = train(cfg, out, resume=resume, progress=progress, log=log)
+    lock = folder_lock(out, "train") if is_main_process() else contextlib.nullcontext()
+    with lock:
+        result = train(cfg, out, resume=resume, progress=progress, log=_SplitFirst(data))
     if not is_main_process():  # under torchrun only rank 0 reports (and wrote the run directory)
         return
     log(f"wrote {result.run_dir}/model.safetensors and model.json")

@@ -1,0 +1,486 @@
+"""Issue 11: hostile names, hostile manifests, hostile folders (tests/hostile.py) and the user's path.
+
+Each test names the issue item it pins down; each was seen failing with its fix undone.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import io
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+from hostile import FORMULA
+
+from csgguard.cli import main
+
+
+def _cli(*args, **kw):
+    return CliRunner().invoke(main, [a if isinstance(a, str) else os.fsdecode(os.fspath(a)) for a in args], **kw)
+
+
+def one_line_error(result, code: int = 2) -> str:
+    """The contract for bad input: exit 2, one line on stderr starting 'error:', no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [x for x in result.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def _screen(tree, run, *extra):
+    return _cli("screen", tree.root, "--run", run, "--no-progress", "--batch-size", "4", *extra)
+
+
+def _paths(result, fmt: str) -> list[str]:
+    if fmt == "jsonl":
+        return [json.loads(line)["path"] for line in result.stdout.splitlines()]
+    if fmt == "json":
+        return [r["path"] for r in json.loads(result.stdout)]
+    return [r["path"] for r in csv.DictReader(io.StringIO(result.stdout))]
+
+
+# ----------------------------------------------------------------------------- items 1-3: output
+
+def test_item1_markup_in_names_is_shown_not_interpreted(fitted_run, hostile_tree):
+    r = _screen(hostile_tree, fitted_run)  # the default table
+    assert r.exit_code == 0, r.output      # `[/x].png` used to crash with exit 1
+    out = r.stdout
+    assert "[b]a.png" in out and "[/x].png" in out
+    bad = _cli("inspect", "--run", "runs/[red]x")
+    assert "runs/[red]x: run directory not found" in one_line_error(bad)
+
+
+def test_item1_2_every_format_prints_every_name_exactly_and_distinctly(fitted_run, hostile_tree):
+    n = len(hostile_tree.readable) + len(hostile_tree.errors)
+    for fmt in ("csv", "jsonl", "json"):
+        r = _screen(hostile_tree, fitted_run, "--format", fmt)
+        assert r.exit_code == 0, r.output
+        assert "\x1b" not in r.stdout and "\x1b" not in r.stderr
+        paths = _paths(r, fmt)
+        assert len(paths) == len(set(paths)) == n, (fmt, paths)
+        names = {p.rsplit("/", 1)[1].lstrip("'") for p in paths}
+        assert {"a\\x1b[0m.png", "new\\nline.png", "tab\\tname.png", "x\\xff.png", "x\\\\xff.png"} <= names, names
+    table = _screen(hostile_tree, fitted_run).stdout
+    assert "\x1b" not in table and "a\\x1b[0m.png" in table and "x\\\\xff.png" in table
+
+
+def test_item2_visible_is_injective_and_leaves_plain_names_alone():
+    from csgguard.safetext import visible
+
+    names = [b"x\xff.png", b"x\\xff.png", b"a\x1b[0m.png", b"a.png", b"a\n.png", b"a\\n.png", "\u202egnp.exe"]
+    shown = [visible(os.fsdecode(n) if isinstance(n, bytes) else n) for n in names]
+    assert len(set(shown)) == len(names)
+    assert all(s.isprintable() for s in shown)
+    assert visible("plain/caf\u00e9 [1].png") == "plain/caf\u00e9 [1].png"
+
+
+def test_item3_csv_neutralises_formulas(fitted_run, hostile_tree, monkeypatch):
+    from csgguard.safetext import csv_cell
+
+    monkeypatch.chdir(hostile_tree.root)
+    names = [os.fsdecode(n) for n in FORMULA]
+    r = _cli("screen", "--run", fitted_run, "--format", "csv", "--no-progress", "--", *names)
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert sorted(row["path"] for row in rows) == sorted("'" + n for n in names)
+    assert all(float(row["score"]) == float(row["score"]) for row in rows)  # numbers stay numbers
+    assert csv_cell(-1.5) == -1.5 and csv_cell("-1") == "'-1" and csv_cell("a=b") == "a=b"
+    assert csv_cell("\t=x") == "\\t=x"  # a leading tab is escaped, so it cannot start a formula either
+
+
+# ----------------------------------------------------------------------------- items 8, 9, 14: folders
+
+def _rows(result) -> dict[str, dict]:
+    return {json.loads(line)["path"].rsplit("/", 1)[1]: json.loads(line) for line in result.stdout.splitlines()}
+
+
+def test_item8_9_loops_links_and_unreadable_folders_get_error_rows(fitted_run, hostile_tree, monkeypatch):
+    r = _screen(hostile_tree, fitted_run, "--format", "jsonl")
+    assert r.exit_code == 0, r.output  # a symlink loop used to abort the listing
+    rows = _rows(r)
+    for name, needle in hostile_tree.errors.items():
+        row = rows[os.fsdecode(name)]
+        assert needle in row["error"] and row["score"] is None, row
+    assert rows["inside-link.png"]["error"] is None  # a link inside the folder is followed
+    assert "2 sub-folder(s)" in r.stderr and "-r" in r.stderr
+    hostile_tree.deny_locked(monkeypatch)
+    rec = _screen(hostile_tree, fitted_run, "--format", "jsonl", "-r")
+    assert rec.exit_code == 0, rec.output
+    rows = _rows(rec)
+    assert "permission denied" in rows["locked"]["error"]       # was skipped silently
+    assert rows["img.png"]["error"] is None                     # sub/img.png
+    follow = _rows(_screen(hostile_tree, fitted_run, "--format", "jsonl", "--follow-symlinks"))
+    assert follow["outside.png"]["error"] is None and isinstance(follow["outside.png"]["score"], float)
+    assert "leads outside" not in (follow["passwd.png"]["error"] or "x")  # read, and refused as no image
+
+
+def test_item14_only_subfolders_without_r_says_so(fitted_run, hostile_tree):
+    line = one_line_error(_cli("screen", hostile_tree.root.parent, "--run", fitted_run))
+    assert "sub-folder" in line and "-r" in line
+
+
+# ----------------------------------------------------------------------------- items 4-6: manifests
+
+@pytest.fixture
+def run_copy(digits_csg_run, tmp_path):
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(digits_csg_run, dst)
+    return dst
+
+
+def _edit(path, fn, raw: str | None = None):
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(raw if raw is not None else json.dumps(m))
+
+
+def test_item4_huge_sizes_are_refused_before_anything_is_built(run_copy, monkeypatch):
+    import time
+
+    from csgguard.models import csg
+
+    built = []
+    real_init = csg.CSGNet.__init__
+
+    def spy(self, config):
+        import torch
+
+        built.append(torch.empty(0).device.type)  # "meta" while shapes are checked, "cpu" for a real build
+        real_init(self, config)
+    monkeypatch.setattr(csg.CSGNet, "__init__", spy)
+    for n in (10_000_000, 1_000_000_000, 5_000):
+        _edit(run_copy / "model.json", lambda m, n=n: m["model"].update(num_classes=n))
+        start = time.perf_counter()
+        line = one_line_error(_cli("inspect", "--run", run_copy))
+        assert time.perf_counter() - start < 5 and "model.json" in line
+    assert "cpu" not in built  # nothing was built for real: the sizes were checked first
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m["model"].update(num_classes=-3), "num_classes"),
+    (lambda m: m.update(classes=[]), "classes"),
+    (lambda m: m.update(classes=None), "classes"),
+    (lambda m: m.pop("input"), "input"),
+    (lambda m: m["model"].update(in_channels=0), "in_channels"),
+    (lambda m: m["model"].update(input_size=-8), "input_size"),
+    (lambda m: m["model"].update(std=[0]), "std"),
+    (lambda m: m["model"].update(width=-4), "width"),
+    (lambda m: m["model"].update(gate="yes"), "gate"),
+    (lambda m: m["model"].update(arch=None), "architecture"),
+    (lambda m: m["weights"].update(file="../model.safetensors"), "plain file name"),
+    (lambda m: m["input"].update(height=99), "input section"),
+    (lambda m: m.update(classes=[str(i) for i in range(9)] + ["0"]), "distinct"),
+    (lambda m: m.update(classes=[f"c{i}" for i in range(10)]), "differ from the copy"),  # valid, but edited
+])
+def test_item5_6_malformed_model_json_is_one_line_exit_2(run_copy, edit, needle):
+    _edit(run_copy / "model.json", edit)
+    assert needle in one_line_error(_cli("inspect", "--run", run_copy))
+
+
+def test_item5_non_finite_json_numbers_are_refused(run_copy):
+    text = (run_copy / "model.json").read_text()
+    m = json.loads(text)
+    for bad in ("NaN", "Infinity", "1e400"):
+        m["model"]["std"] = ["__X__"]
+        (run_copy / "model.json").write_text(json.dumps(m).replace('"__X__"', bad))
+        assert "finite" in one_line_error(_cli("inspect", "--run", run_copy))
+
+
+@pytest.mark.parametrize("threshold", ["NaN", "1e308", "-Infinity"])
+def test_item5_detector_threshold_must_be_finite_and_covered_by_the_hash(fitted_run, tmp_path, threshold):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    m = json.loads((run / "detector.json").read_text())
+    m["threshold"] = "__T__"
+    m["fitted"]["threshold_"] = "__T__"
+    (run / "detector.json").write_text(json.dumps(m).replace('"__T__"', threshold))
+    line = one_line_error(_cli("screen", run, "--run", run))
+    assert "detector.json" in line
+
+
+def test_item5_detector_fields_are_covered_by_the_hash(fitted_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    _edit(run / "detector.json", lambda m: (m.update(threshold=99.0), m["fitted"].update(threshold_=99.0)))
+    assert "differ from the copy" in one_line_error(_cli("screen", run, "--run", run))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e308"])
+def test_item5_screen_threshold_must_be_finite(fitted_run, value):
+    line = one_line_error(_cli("screen", fitted_run, "--run", fitted_run, "--threshold", value))
+    assert "--threshold" in line
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["fit", "--param", "foo=1"], "foo"),
+    (["fit", "--detector", "csg-supervised", "--param", "C=NaN"], "finite"),
+    (["fit", "--batch-size", "0"], "--batch-size"),
+    (["fit", "--fpr", "nan"], "--fpr"),
+    (["attack", "--batch-size", "0"], "--batch-size"),
+    (["attack", "--steps", "-1"], "--steps"),
+    (["screen", ".", "--batch-size", "0"], "--batch-size"),
+    (["screen", ".", "--workers", "-1"], "--workers"),
+    (["train", "--lr", "nan"], "--lr"),
+    (["train", "--lr", "inf"], "--lr"),
+    (["train", "--width", "-4"], "--width"),
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--density", "nan"], "--density"),
+    (["evaluate", "--fpr", "nan"], "--fpr"),
+])
+def test_item6_bad_option_values_are_one_line_exit_2_before_any_work(args, needle, monkeypatch):
+    import csgguard.models.store as store
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the options were checked")
+    monkeypatch.setattr(store, "load_model", no_work)
+    monkeypatch.setattr(importlib.import_module("csgguard.train"), "load_dataset", no_work)
+    assert needle in one_line_error(_cli(*args))
+
+
+def test_item6_output_under_a_file_is_refused_before_any_work(digits_csg_run, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output path was checked")
+    monkeypatch.setattr(importlib.import_module("csgguard.train"), "load_dataset", no_work)
+    monkeypatch.setattr(importlib.import_module("csgguard.fitting"), "load_model", no_work)
+    for args in (["train", "--out", blocker / "run"],
+                 ["fit", "--run", digits_csg_run, "--out", blocker / "d.json"],
+                 ["attack", "--run", digits_csg_run, "--out", blocker / "a.npz"],
+                 ["attack", "--run", digits_csg_run, "--out", tmp_path / "a.npz", "--save-images", blocker / "png"],
+                 ["inspect", "--run", digits_csg_run, "--heatmap", blocker / "h.png"]):
+        line = one_line_error(_cli(*args))
+        assert "is a file" in line and str(blocker) in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing half-written
+
+
+# ----------------------------------------------------------------------------- item 7: data quietly wrong
+
+def _cifar_py(root, labels=None, data=None):
+    import pickle
+
+    import numpy as np
+
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": list(range(10))}
+        if name == "data_batch_2":
+            if labels is not None:
+                batch["labels"] = labels
+            if data is not None:
+                batch["data"] = data
+        (d / name).write_bytes(pickle.dumps(batch))  # test data; csgguard reads it with a restricted unpickler
+
+
+def _cifar_cases():
+    import numpy as np
+
+    return [
+        dict(labels=[0, 1, 2]),                                    # 3 labels for 10 images
+        dict(labels=list(range(5, 15))),                           # labels out of 0..9
+        dict(labels=[[0]] * 10),                                   # labels not a flat list
+        dict(data=np.zeros((10, 100), dtype=np.uint8)),            # wrong image size
+        dict(data=np.zeros((10, 3072), dtype=np.float64)),         # wrong dtype
+        dict(data=np.zeros((0, 3072), dtype=np.uint8), labels=[]),  # empty batch
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_item7_malformed_cifar_batches_are_refused(tmp_path, case):
+    from csgguard.data import load_cifar10_dataset
+    from csgguard.errors import DataError
+
+    _cifar_py(tmp_path, **_cifar_cases()[case])
+    with pytest.raises(DataError, match="data_batch_2"):
+        load_cifar10_dataset(tmp_path)
+    line = one_line_error(_cli("train", "--data", "cifar10", "--data-root", tmp_path, "--out", tmp_path / "run"))
+    assert "data_batch_2" in line
+
+
+def _png_tree(root, classes, n=6):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        folder = os.path.join(os.fsencode(root), os.fsencode(c))
+        os.makedirs(folder, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(
+                os.fsdecode(os.path.join(folder, f"{i}.png".encode())))
+
+
+@pytest.mark.parametrize("classes,needle", [
+    (["only"], "only 1 class"),
+    (["a\nb", "c"], "control characters"),
+    (["a\x1b[31m", "c"], "control characters"),
+    ([b"caf\xe9", "c"], "not UTF-8"),
+])
+def test_item7_one_class_and_unprintable_class_names_are_refused(tmp_path, classes, needle):
+    _png_tree(tmp_path / "imgs", classes)
+    line = one_line_error(_cli("train", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out", tmp_path / "run"))
+    assert needle in line and "\x1b" not in line
+    assert not (tmp_path / "run" / "model.json").exists()
+
+
+# ----------------------------------------------------------------------------- item 9: links in training data
+
+@pytest.mark.parametrize("how", ["class-folder", "file", "loop"])
+def test_item9_training_data_never_leaves_its_folder(tmp_path, how):
+    _png_tree(tmp_path / "imgs", ["a", "b"])
+    _png_tree(tmp_path / "foreign", ["x"], n=3)
+    if how == "class-folder":
+        os.symlink(tmp_path / "foreign" / "x", tmp_path / "imgs" / "c")
+    elif how == "file":
+        os.symlink(tmp_path / "foreign" / "x" / "0.png", tmp_path / "imgs" / "a" / "z.png")
+    else:
+        os.symlink("loop.png", tmp_path / "imgs" / "a" / "loop.png")
+    line = one_line_error(_cli("train", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out", tmp_path / "run"))
+    assert ("symlink loop" if how == "loop" else "leads outside") in line
+
+
+# ----------------------------------------------------------------------------- items 10-11: runs
+
+def test_item11_a_second_writer_of_a_run_folder_is_refused(digits_csg_run, tmp_path):
+    from csgguard.artifacts import LOCK_FILE, folder_lock
+
+    run = tmp_path / "run"
+    with folder_lock(run, "train"):  # another process training into run/ (flock: per open file, so it works here)
+        line = one_line_error(_cli("train", "--out", run, "--epochs", "1"))
+        assert "in use by another csgguard process" in line and f"pid {os.getpid()}" in line
+        assert "in use" in one_line_error(_cli("fit", "--run", digits_csg_run, "--out", run / "d.json"))
+        assert "in use" in one_line_error(_cli("attack", "--run", digits_csg_run, "--out", run / "a.npz"))
+    assert not (run / LOCK_FILE).exists()
+    (run / LOCK_FILE).write_text("pid 999999999, csgguard train, since long ago")  # left by a killed process
+    with folder_lock(run, "train"):                                                # is taken over
+        assert str(os.getpid()) in (run / LOCK_FILE).read_text()
+
+
+def test_item11_two_processes(tmp_path):
+    """A real second process is refused while the first holds the lock."""
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom csgguard.artifacts import folder_lock\n"
+        f"with folder_lock({str(run)!r}, 'train'):\n    print('held', flush=True)\n    time.sleep(30)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.perf_counter()
+        line = one_line_error(_cli("train", "--out", run, "--epochs", "1"))
+        assert f"pid {holder.pid}" in line and time.perf_counter() - start < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    from csgguard.artifacts import folder_lock
+
+    with folder_lock(run, "train"):  # the kernel released the dead holder's lock
+        pass
+
+
+# ----------------------------------------------------------------------------- item 13: --save-images
+
+def test_item13_saved_pngs_are_all_still_adversarial(digits_csg_run, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from csgguard import load_model
+
+    png = tmp_path / "png"
+    r = _cli("attack", "--run", digits_csg_run, "--method", "deepfool", "--steps", "20", "--limit", "60",
+             "--out", tmp_path / "df.npz", "--save-images", png, "--format", "json", "--no-progress")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["png_dropped"] > 0 and "dropped" in r.stderr  # DeepFool stops at the boundary
+    files = sorted(png.glob("*.png"))
+    assert len(files) == summary["png_written"] == summary["succeeded"] - summary["png_dropped"]
+    model = load_model(digits_csg_run).model
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32) / 255.0)[None] for f in files])
+    with torch.no_grad():
+        pred = model(x).argmax(1).tolist()
+    for f, p in zip(files, pred, strict=True):
+        true, adv = (int(v) for v in f.stem.split("_true")[1].split("_adv"))
+        assert p == adv != true, f.name
+
+
+# ----------------------------------------------------------------------------- items 12, 15: image-folder runs
+
+def test_item15_image_folder_split_is_described_and_sized(tmp_path):
+    _png_tree(tmp_path / "imgs", ["a", "b"], n=10)
+    r = _cli("train", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out", tmp_path / "run", "--epochs", "1",
+             "--no-progress", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert "flat tree: 80% train / 20% test" in r.stderr and "14 train / 2 val / 4 test" in r.stderr, r.stderr
+    help_text = _cli("train", "--help").stdout
+    assert "80/20" in help_text and "recipe" in help_text
+
+
+@pytest.mark.skipif(not hasattr(__import__("csgguard.data").data, "load_run_dataset"),
+                    reason="needs issue 12's load_run_dataset (one resolver for a run's data)")
+def test_item12_image_folder_run_goes_train_attack_fit_screen(tmp_path):
+    _png_tree(tmp_path / "imgs", ["a", "b", "c"], n=30)
+    run = tmp_path / "run"
+    steps = [["train", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out", run, "--epochs", "2"],
+             ["attack", "--run", run, "--method", "fgsm", "--eps", "0.1", "--save-images", tmp_path / "adv"],
+             ["fit", "--run", run, "--fpr", "0.1"],
+             ["screen", "-r", tmp_path / "imgs", "--run", run, "--format", "jsonl"]]
+    for args in steps:
+        r = _cli(*args, "--no-progress")
+        assert r.exit_code == 0, (args[0], r.output)
+
+
+# ----------------------------------------------------------------------------- item 16: piped output
+
+def test_item16_piped_tables_are_not_wrapped(fitted_run, hostile_tree):
+    r = _screen(hostile_tree, fitted_run)  # CliRunner's stdout is not a terminal, like a pipe
+    long_path = str(hostile_tree.root / "=HYPERLINK(1).png")
+    assert long_path in r.stdout  # whole, on one line
+    from csgguard.cli.common import emit_rows
+
+    rows = [{c: "csg-clean" for c in ("model", "detector", "attack", "seen", "auroc", "tpr_at_5pct_fpr")}]
+    out = CliRunner().invoke(main, ["--help"])  # warm click
+    assert out.exit_code == 0
+    import contextlib
+    import sys
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert not sys.stdout.isatty()
+        emit_rows(rows, list(rows[0]), "table", title="evaluate")
+    assert "tpr_at_5pct_fpr" in buf.getvalue() and "csg-clean" in buf.getvalue()
+
+
+def test_item16_plain_progress_lines_on_a_non_terminal(monkeypatch):
+    from csgguard.progress import PlainProgress, make_progress
+
+    monkeypatch.delenv("CSGGUARD_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("CSGGUARD_PROGRESS_INTERVAL", "0")
+    bar = make_progress(None)  # pytest's stderr is not a terminal
+    assert isinstance(bar, PlainProgress)
+    buf = io.StringIO()
+    bar.stream = buf
+    with bar:
+        t = bar.add_task("attack", total=4, info="")
+        for _ in range(4):
+            bar.advance(t, 1)
+            bar.update(t, info="flagged 1")
+    lines = buf.getvalue().splitlines()
+    assert lines and lines[-1].startswith("attack: 4/4 (100.0%)") and "\x1b" not in buf.getvalue()
+    assert make_progress(False).__class__.__name__ == "_NullProgress"
