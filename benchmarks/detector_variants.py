@@ -41,12 +41,17 @@ from _common import command_line
 
 #: the candidates, named; each is (components, combine)
 VARIANTS = {
-    "last-layer (pattern,margin) max": ("pattern,margin", "max"),
-    "taps only, max": ("taps", "max"),
-    "taps,pattern,margin max": ("taps,pattern,margin", "max"),
-    "all five, max": ("taps,pattern,mismatch,margin,norm", "max"),
+    "last-layer (pattern,margin) zmax": ("pattern,margin", "zmax"),
+    "taps only, zmax": ("taps", "zmax"),
+    "taps,pattern,margin zmax": ("taps,pattern,margin", "zmax"),
+    "all five, zmax": ("taps,pattern,mismatch,margin,norm", "zmax"),
     "all five, density": ("taps,pattern,mismatch,margin,norm", "density"),
     "taps,pattern,margin density": ("taps,pattern,margin", "density"),
+    # added after the first digits grid (docs/detectors.md): one clean scale for all components
+    "taps,pattern,margin max": ("taps,pattern,margin", "max"),
+    "all five, max": ("taps,pattern,mismatch,margin,norm", "max"),
+    "taps,pattern,margin sum": ("taps,pattern,margin", "sum"),
+    "all five, sum": ("taps,pattern,mismatch,margin,norm", "sum"),
 }
 SWEEP = {"digits": "0.05,0.1,0.2,0.3", "mnist": "0.05,0.1,0.2,0.3", "cifar10": "2/255,4/255,8/255,16/255"}
 

@@ -30,8 +30,17 @@ Combining: each component is standardised per predicted class with clean means a
 standard deviations measured *out of fold* (statistics fitted on one half of the clean
 fit images, components read on the other, and vice versa), so a held-out clean input
 gets z-scores near N(0, 1) even where in-sample distances would be optimistic.
-``max`` takes the largest (signed or absolute) z; ``density`` the Mahalanobis
-distance of the component vector to the predicted class's clean mean (Ledoit-Wolf).
+The z-scores of different components have very different tails (a log margin has a
+long one: clean inputs near a boundary), so they are then put on one scale, the clean
+*surprise* ``s = -log P_clean(Z >= z)``, read off out-of-fold clean quantiles
+(piecewise linear in z, extended linearly past the last quantile, so it stays
+monotone, unbounded and differentiable almost everywhere). Combiners:
+
+``max``      the largest surprise (the most atypical component decides);
+``sum``      the summed surprises (Fisher's method: weak evidence from several adds up);
+``zmax``     the largest z-score, without the common scale;
+``density``  the Mahalanobis distance of the component vector to the predicted
+             class's clean mean (Ledoit-Wolf).
 """
 
 from __future__ import annotations
@@ -47,7 +56,9 @@ from .errors import CsgguardError
 COMPONENTS = ("taps", "pattern", "mismatch", "margin", "norm")
 #: components atypical in both directions
 TWO_SIDED = ("mismatch", "margin", "norm")
-COMBINERS = ("max", "density")
+COMBINERS = ("max", "sum", "zmax", "density")
+#: surprise levels of the stored clean quantiles: s = -log(1 - level), 0 .. log(n) in this many steps
+TAIL_LEVELS = 48
 #: above this many filters one tied covariance replaces the per-class ones (memory: C * K * K floats)
 PER_CLASS_MAX_K = 512
 _EPS = 1e-12
@@ -143,17 +154,41 @@ def score(arrays: dict[str, torch.Tensor], components: Sequence[str], combine: s
     v = component_matrix(arrays, components, logits, pooled, taps)
     pred = logits.argmax(1)
     names = expand(components, int(arrays["n_taps"].item()) if "taps" in components else 0)
-    if combine == "max":
+    if combine == "zmax":
         return standardised(arrays, names, v, pred).max(1).values
+    if combine in ("max", "sum"):
+        s = surprise(arrays, standardised(arrays, names, v, pred))
+        return s.max(1).values if combine == "max" else s.sum(1)
     if combine == "density":
         return quad(v - arrays["comp_mean_"][pred], arrays["comp_precision_"])
     raise CsgguardError(f"unknown combine {combine!r}; choose from {', '.join(COMBINERS)}")
 
 
+def surprise(arrays: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """(N, M) clean surprise ``-log P(Z >= z)`` per column, from the stored quantiles ``tail_q_`` (M, L)."""
+    q, levels = arrays["tail_q_"], arrays["tail_s_"]                 # (M, L), (L,)
+    zt = z.t().contiguous()                                          # (M, N)
+    hi = torch.searchsorted(q, zt.detach()).clamp(1, q.shape[1] - 1)  # segment [hi-1, hi], ends extended
+    q0, q1 = q.gather(1, hi - 1), q.gather(1, hi)
+    s0, s1 = levels[hi - 1], levels[hi]
+    out = s0 + (zt - q0) * (s1 - s0) / (q1 - q0)
+    return out.clamp_min(0.0).t()
+
+
+def _tail_table(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantiles of each column of ``u`` at evenly spaced surprise levels (strictly increasing)."""
+    n = len(u)
+    s = np.linspace(0.0, np.log(max(n, 2)), TAIL_LEVELS)
+    q = np.ascontiguousarray(np.quantile(u, 1.0 - np.exp(-s), axis=0).T)  # (M, L)
+    for j in range(1, q.shape[1]):                                   # ties would make a flat, gradient-free step
+        q[:, j] = np.maximum(q[:, j], q[:, j - 1] + 1e-6)
+    return q, s
+
+
 # ----------------------------------------------------------------------------- numpy glue + fitting
 
 def to_torch(arrays: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(np.asarray(v), dtype=torch.float64, device=device) for k, v in arrays.items()}
+    return {k: torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64), device=device) for k, v in arrays.items()}
 
 
 def _inputs(features) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -238,4 +273,7 @@ def fit_profile(features, gate: np.ndarray, components: Sequence[str], *, seed: 
     arrays["comp_mean_"] = mean
     arrays["comp_std_"] = np.maximum(std, 1e-6)
     arrays["comp_precision_"] = shrunk_precision(v - mean[pred])
+    names = expand(components, len(features.taps))
+    u = standardised(to_torch(arrays), names, torch.from_numpy(v), torch.from_numpy(pred)).numpy()
+    arrays["tail_q_"], arrays["tail_s_"] = _tail_table(u)
     return arrays

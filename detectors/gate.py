@@ -92,7 +92,8 @@ class _GateProfile:
     def _load_profile(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         comps = S.parse_components(extra.get("components_", []))
         n_taps = int(extra.get("n_taps_", 0))
-        need = ["gate_", "means_", "class_precision_", "n_taps", "comp_mean_", "comp_std_", "comp_precision_"]
+        need = ["gate_", "means_", "class_precision_", "n_taps", "comp_mean_", "comp_std_", "comp_precision_",
+                "tail_q_", "tail_s_"]
         need += [f"tap_{kind}_{i}" for i in range(n_taps) for kind in ("means", "precision")]
         missing = [k for k in need if k not in arrays]
         if missing:
@@ -101,7 +102,7 @@ class _GateProfile:
         c_num, k_num = np.shape(arrays["means_"])
         m = len(S.expand(comps, n_taps))
         shapes = {"gate_": (k_num, c_num), "comp_mean_": (c_num, m), "comp_std_": (c_num, m),
-                  "comp_precision_": (m, m)}
+                  "comp_precision_": (m, m), "tail_q_": (m, S.TAIL_LEVELS), "tail_s_": (S.TAIL_LEVELS,)}
         for k, shape in shapes.items():
             if np.shape(arrays[k]) != shape:
                 raise CsgguardError(f"detector array {k} has shape {np.shape(arrays[k])}, expected {shape}")
@@ -121,8 +122,9 @@ class GateCleanDetector(_GateProfile, Detector):
     ----------
     components : comma-separated families of :data:`csgguard.scores.COMPONENTS`
         (``taps``, ``pattern``, ``mismatch``, ``margin``, ``norm``); see :mod:`csgguard.scores`.
-    combine : ``max`` (largest per-class clean z-score; two-sided components as |z|) or
-        ``density`` (Mahalanobis distance of the component vector to its class's clean mean).
+    combine : ``max`` (largest clean surprise), ``sum`` (summed surprises, Fisher's method),
+        ``zmax`` (largest per-class clean z-score) or ``density`` (Mahalanobis distance of the
+        component vector to its class's clean mean); see :mod:`csgguard.scores`.
     gate : ``auto`` (the model's gate, or a pseudo-gate on a STD model), ``model`` or ``pseudo``.
     fpr : target false-positive rate for :meth:`calibrate`.
     """
