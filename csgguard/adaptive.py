@@ -6,9 +6,9 @@ ball as the plain PGD row,
 
     relu(z_y - max_{j != y} z_j + kappa)  +  w * (s(x) - threshold) / scale
 
-where ``s`` is the fitted ``csg-clean`` score rewritten in torch from the detector's
-own arrays (exact, not a learnt stand-in: the same means, precisions and gate), so
-its gradient is the true one almost everywhere. The margin term stops pulling once
+where ``s`` is the fitted detector's own score, ``det.torch_score`` (the one torch
+implementation in :mod:`csgguard.scores` that the detector itself reports; exact, not a
+learnt stand-in), so its gradient is the true one almost everywhere. The margin term stops pulling once
 the input is misclassified by ``kappa``, leaving the budget to hide from the
 detector. Several weights ``w`` are tried; per image the attacker keeps the
 misclassified iterate with the lowest detector score (best-iterate tracking). The
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,71 +26,15 @@ import torch
 from .errors import CsgguardError
 from .features import extract_features
 
-Surrogate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Surrogate = Callable[..., torch.Tensor]  # (logits, pooled, taps) -> score, higher = more adversarial
 
 
-def gate_clean_surrogate(det, model) -> Surrogate:
-    """A differentiable copy of a fitted detector's score on (logits, pooled)."""
-    if hasattr(det, "torch_score"):
-        return det.torch_score
-    arrays, _ = det.state()
-    score = getattr(det, "score", None)
-    if "means_" not in arrays or score is None:
-        raise CsgguardError(f"no differentiable surrogate for detector {det.name!r}")
-    dev = next(model.parameters()).device
-    A = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32, device=dev) for k, v in arrays.items()}
-    fc_w, fc_b = model.fc.weight, model.fc.bias
-
-    def quad(r, p):
-        return torch.einsum("nk,kl,nl->n", r, p, r)
-
-    def gated_logits(pooled):
-        return pooled @ (fc_w.t() * A["gate_"]) + fc_b
-
-    def mismatch(pooled, pred):
-        a = pooled.abs()
-        return (a * (1 - A["gate_"].t()[pred])).sum(1) / a.sum(1).clamp_min(1e-12)
-
-    def component(name, logits, pooled):
-        pred = logits.argmax(1)
-        if name == "mahalanobis":
-            return quad(pooled - A["means_"][pred], A["precision_"])
-        if name == "classcov":
-            r = pooled - A["means_"][pred]
-            return torch.einsum("nk,nkl,nl->n", r, A["class_precision_"][pred], r)
-        if name == "gated-diagonal":
-            g = A["gate_"].t()[pred]
-            r2 = (pooled - A["means_"][pred]) ** 2 / A["var_"]
-            return (g * r2).sum(1) / g.sum(1).clamp_min(1e-12)
-        if name == "gated-logits":
-            return quad(gated_logits(pooled) - A["logit_means_"][pred], A["logit_precision_"])
-        if name == "logits":
-            top2 = logits.topk(2, dim=1).values
-            return -(top2[:, 0] - top2[:, 1])
-        if name == "mismatch":
-            return mismatch(pooled, pred)
-        if name == "mismatch-z":
-            return (mismatch(pooled, pred) - A["mismatch_mean_"][pred]).abs() / A["mismatch_std_"][pred]
-        raise CsgguardError(f"no differentiable surrogate for score {name!r}")
-
-    def two_sided(logits, pooled, parts):
-        top2 = logits.topk(2, dim=1).values
-        comps = {0: lambda: torch.log(component("mahalanobis", logits, pooled) + 1e-12),
-                 1: lambda: torch.log(component("classcov", logits, pooled) + 1e-12),
-                 2: lambda: -torch.log(top2[:, 0] - top2[:, 1] + 1e-6)}
-        zs = [(comps[i]() - A["twosided_center_"][i]) / A["twosided_scale_"][i] for i in parts]
-        return torch.stack(zs, 1).max(1).values
-
-    def surrogate(logits, pooled):
-        if score in ("maha-margin", "classcov-margin"):
-            return two_sided(logits, pooled, (0, 2) if score == "maha-margin" else (1, 2))
-        if score != "combined":
-            return component(score, logits, pooled)
-        parts = [torch.log1p(component(n, logits, pooled).clamp_min(0)) for n in
-                 ("mahalanobis", "gated-logits", "mismatch-z")]
-        return ((torch.stack(parts, 1) - A["combined_center_"]) / A["combined_scale_"]).sum(1)
-
-    return surrogate
+def detector_surrogate(det) -> Surrogate:
+    """The detector's own differentiable score (``det.torch_score``): the attack and the detector
+    share one implementation (:mod:`csgguard.scores`), so the gradient is the true one."""
+    if not hasattr(det, "torch_score"):
+        raise CsgguardError(f"detector {det.name!r} has no differentiable score to attack")
+    return det.torch_score
 
 
 def adaptive_pgd(model, x: torch.Tensor, y: torch.Tensor, surrogate: Surrogate, *, eps: float, steps: int,
@@ -110,8 +53,8 @@ def adaptive_pgd(model, x: torch.Tensor, y: torch.Tensor, surrogate: Surrogate, 
         for it in range(steps + 1):
             xa.requires_grad_(True)
             with torch.enable_grad():
-                logits, pooled, _ = model.forward_signals(xa)
-                det = surrogate(logits, pooled)
+                logits, pooled, taps = model.forward_signals(xa)
+                det = surrogate(logits, pooled, taps)
                 z_y = logits.gather(1, yb[:, None])[:, 0]
                 z_other = logits.masked_fill(torch.nn.functional.one_hot(yb, logits.shape[1]).bool(),
                                              -float("inf")).max(1).values
@@ -151,7 +94,7 @@ def adaptive_attack(model, x: torch.Tensor, y: torch.Tensor, detector, *, eps: f
     attacked = pred == y.numpy()
     rows = np.flatnonzero(attacked)
     xc, yc = x[torch.as_tensor(rows)], y[torch.as_tensor(rows)]
-    surrogate = gate_clean_surrogate(detector, model)
+    surrogate = detector_surrogate(detector)
     best_x, best_s = xc.clone(), torch.full((len(xc),), float("inf"))
     t = time.perf_counter()
     for i, w in enumerate(weights):
@@ -168,45 +111,3 @@ def adaptive_attack(model, x: torch.Tensor, y: torch.Tensor, detector, *, eps: f
     return AdversarialSet(x=x.numpy(), x_adv=x_adv.numpy(), y=y.numpy(), pred=pred, pred_adv=pred_adv,
                           success=success, attacked=attacked,
                           index=np.arange(len(y)) if index is None else np.asarray(index), meta=meta)
-
-
-def adaptive_rows(h, fitted: dict[str, Any]) -> list[dict[str, Any]]:
-    """Attack h.model + its fitted csg-clean detector; score the examples with every detector."""
-    from .metrics import metrics_row
-
-    s = h.s
-    model = h.model
-    target, thr, cal_clean = fitted["csg-clean"]
-    x, y = h.data["evaluation"]
-    feats = h.feats["evaluation"]
-    correct = np.flatnonzero(feats.pred == y)
-    xc, yc = x[torch.as_tensor(correct)], torch.as_tensor(y[correct])
-    for p in model.parameters():
-        p.requires_grad_(False)
-    surrogate = gate_clean_surrogate(target, model)
-    scale = float(np.std(cal_clean)) or 1.0
-    best_x, best_s = xc.clone(), torch.full((len(xc),), float("inf"))
-    t = time.perf_counter()
-    for i, w in enumerate(s["adaptive_weights"]):
-        xa, sa = adaptive_pgd(model, xc, yc, surrogate, eps=s["eps"], steps=s["adaptive_steps"], weight=w,
-                              threshold=thr["target"], scale=scale, seed=s["seed"] + i, batch_size=s["batch_size"])
-        better = sa < best_s
-        best_x[better], best_s[better] = xa[better], sa[better]
-    secs = time.perf_counter() - t
-    ok = np.flatnonzero(torch.isfinite(best_s).numpy())
-    x_adv = best_x[torch.as_tensor(ok)]
-    adv_feats = extract_features(model, x_adv, device=h.device)
-    keep = adv_feats.pred != yc.numpy()[ok]
-    x_adv, adv_feats = x_adv[torch.as_tensor(keep)], adv_feats.subset(np.flatnonzero(keep))
-    n_att, n_ok = len(correct), int(keep.sum())
-    rows = []
-    for name, (det, dthr, clean) in fitted.items():
-        adv = h.score(det, adv_feats, x_adv)
-        m = metrics_row(clean, adv, dthr)
-        evaded = int((adv <= dthr["target"]).sum()) if len(adv) else 0
-        row = {"model": h.label, "detector": name, "attack": "adaptive-pgd", "target": "csg-clean",
-               "eps": s["eps"], "steps": s["adaptive_steps"], "weights": list(s["adaptive_weights"]),
-               "n_attacked": n_att, "attack_success_rate": n_ok / n_att if n_att else None,
-               "evasion_rate": evaded / n_att if n_att else None, "seconds": secs, **m}
-        rows.append(row)
-    return rows
