@@ -54,7 +54,7 @@ def adaptive_pgd(model, x: torch.Tensor, y: torch.Tensor, surrogate: Surrogate, 
             xa.requires_grad_(True)
             with torch.enable_grad():
                 logits, pooled, taps = model.forward_signals(xa)
-                det = surrogate(logits, pooled, taps)
+                det = surrogate(logits, pooled, taps).float()
                 z_y = logits.gather(1, yb[:, None])[:, 0]
                 z_other = logits.masked_fill(torch.nn.functional.one_hot(yb, logits.shape[1]).bool(),
                                              -float("inf")).max(1).values
