@@ -106,11 +106,17 @@ def folder_lock(folder: str | os.PathLike, command: str):
     pid and command. The kernel drops the lock when its process dies, so a lock file
     left by a killed process is stale by construction and simply taken over; there is
     nothing to clean by hand. The file is removed on release (re-checked by inode, so a
-    process that raced the removal retries instead of locking a deleted file).
+    process that raced the removal retries instead of locking a deleted file), and so
+    are the folders made for it if the command failed before writing anything there.
     """
     import fcntl
 
     folder = Path(folder)
+    created = []  # folders made for the lock: removed again on release if the command left them empty
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        created.append(probe)
+        probe = probe.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -143,6 +149,11 @@ def folder_lock(folder: str | os.PathLike, command: str):
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
+        for d in created:  # deepest first; a folder the command wrote into is not empty and stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
