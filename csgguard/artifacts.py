@@ -96,6 +96,7 @@ def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
 
 
 LOCK_FILE = ".csgguard.lock"
+METADATA_KEY = "csgguard"
 
 
 @contextlib.contextmanager
@@ -245,7 +246,10 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> str:
     """Atomically write a safetensors file; return its sha256 (to record in the manifest)."""
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    data = st_save(clean, metadata=dict(metadata) if metadata else None)
+    # safetensors keeps metadata in a hash map whose order varies from run to run: several keys
+    # travel as one canonical JSON string, so the same content always gives the same bytes (and hash)
+    packed = {METADATA_KEY: canonical_json(dict(metadata))} if metadata and len(metadata) > 1 else metadata
+    data = st_save(clean, metadata=dict(packed) if packed else None)
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 
@@ -264,7 +268,16 @@ def safetensors_metadata(data: bytes, path: str | os.PathLike = "") -> dict[str,
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ArtifactError(f"{path}: not a valid safetensors file (header is not JSON)") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    out = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    if METADATA_KEY in out:  # several keys packed by save_tensors
+        try:
+            packed = json.loads(out.pop(METADATA_KEY))
+        except json.JSONDecodeError:
+            raise ArtifactError(f"{path}: damaged metadata in the safetensors header") from None
+        if not isinstance(packed, dict):
+            raise ArtifactError(f"{path}: damaged metadata in the safetensors header")
+        out.update({str(k): str(v) for k, v in packed.items()})
+    return out
 
 
 def load_tensors(path: str | os.PathLike, expected_sha256: str | None, *,

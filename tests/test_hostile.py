@@ -387,6 +387,7 @@ def test_item11_a_second_writer_of_a_run_folder_is_refused(digits_csg_run, tmp_p
     from csgguard.artifacts import LOCK_FILE, folder_lock
 
     run = tmp_path / "run"
+    run.mkdir()
     with folder_lock(run, "train"):  # another process training into run/ (flock: per open file, so it works here)
         line = one_line_error(_cli("train", "--out", run, "--epochs", "1"))
         assert "in use by another csgguard process" in line and f"pid {os.getpid()}" in line
