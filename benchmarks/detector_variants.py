@@ -22,7 +22,8 @@ highest worst-case AUROC over every cell (dataset x model x attack x budget) of 
 development grid (digits and MNIST, CSG and STD models); ties within 0.005 broken by
 the higher worst-case detection rate at the fitted threshold, then by fewer
 components. CIFAR-10 is the confirmation set: its numbers are reported, never used
-to choose. ``--json`` saves every cell.
+to choose. ``--json`` saves every cell; ``--summarise A.json B.json ...`` applies the
+rule over several saved grids and prints the ranking.
 """
 
 from __future__ import annotations
@@ -161,7 +162,34 @@ def print_tables(rows: list[dict]) -> None:
             print(f"| {v} | " + " | ".join(line) + " |")
 
 
+def apply_rule(rows: list[dict]) -> list[tuple[str, float, float, int]]:
+    """The rule of docs/detectors.md over every cell of ``rows``: (variant, worst AUROC, worst rate,
+    components), best first. Ties within 0.005 of worst AUROC go to the worst rate, then fewer components."""
+    out = []
+    for v in dict.fromkeys(r["variant"] for r in rows if not r["variant"].startswith("component")):
+        cells = [r for r in rows if r["variant"] == v and r["auroc"] is not None]
+        out.append((v, min(c["auroc"] for c in cells), min(c["tpr"] for c in cells),
+                    len(cells[0]["components"].split(","))))
+    best = max(a for _, a, _, _ in out)
+    tied = [t for t in out if t[1] >= best - 0.005]
+    rest = [t for t in out if t[1] < best - 0.005]
+    return sorted(tied, key=lambda t: (-t[2], t[3])) + sorted(rest, key=lambda t: -t[1])
+
+
+def summarise(paths: list[str]) -> None:
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())]
+    grid = sorted({(r["dataset"], r["model"]) for r in rows})
+    print(f"# the rule over {len(grid)} dataset x model grids: {', '.join(' '.join(g) for g in grid)}")
+    print("| rank | variant | worst AUROC | worst detection rate | components |")
+    print("|---|---|---|---|---|")
+    for i, (v, a, t, n) in enumerate(apply_rule(rows), 1):
+        print(f"| {i} | {v} | {a:.3f} | {t:.2f} | {n} |")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--summarise":
+        summarise(sys.argv[2:])  # benchmarks/detector_variants.py --summarise a.json b.json
+        return []
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dataset", choices=sorted(SWEEP))
     p.add_argument("--data-root", default=None)

@@ -96,6 +96,7 @@ def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
 
 
 LOCK_FILE = ".csgguard.lock"
+METADATA_KEY = "csgguard"
 
 
 @contextlib.contextmanager
@@ -106,11 +107,17 @@ def folder_lock(folder: str | os.PathLike, command: str):
     pid and command. The kernel drops the lock when its process dies, so a lock file
     left by a killed process is stale by construction and simply taken over; there is
     nothing to clean by hand. The file is removed on release (re-checked by inode, so a
-    process that raced the removal retries instead of locking a deleted file).
+    process that raced the removal retries instead of locking a deleted file), and so
+    are the folders made for it if the command failed before writing anything there.
     """
     import fcntl
 
     folder = Path(folder)
+    created = []  # folders made for the lock: removed again on release if the command left them empty
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        created.append(probe)
+        probe = probe.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -143,6 +150,11 @@ def folder_lock(folder: str | os.PathLike, command: str):
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
+        for d in created:  # deepest first; a folder the command wrote into is not empty and stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
@@ -230,16 +242,14 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-_META_KEY = "csgguard"
-
-
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> str:
     """Atomically write a safetensors file; return its sha256 (to record in the manifest)."""
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    # safetensors keeps metadata in a hash map whose order changes run to run; one key holding
-    # canonical JSON makes the bytes (and so the recorded sha256) a function of the content alone
-    data = st_save(clean, metadata={_META_KEY: canonical_json(dict(metadata))} if metadata else None)
+    # safetensors keeps metadata in a hash map whose order varies from run to run: several keys
+    # travel as one canonical JSON string, so the same content always gives the same bytes (and hash)
+    packed = {METADATA_KEY: canonical_json(dict(metadata))} if metadata and len(metadata) > 1 else metadata
+    data = st_save(clean, metadata=dict(packed) if packed else None)
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 
@@ -258,17 +268,16 @@ def safetensors_metadata(data: bytes, path: str | os.PathLike = "") -> dict[str,
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ArtifactError(f"{path}: not a valid safetensors file (header is not JSON)") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict):
-        return {}
-    if set(meta) == {_META_KEY}:
+    out = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    if METADATA_KEY in out:  # several keys packed by save_tensors
         try:
-            inner = json.loads(meta[_META_KEY])
+            packed = json.loads(out.pop(METADATA_KEY))
         except json.JSONDecodeError:
-            raise ArtifactError(f"{path}: damaged metadata (not JSON)") from None
-        if not isinstance(inner, dict):
-            raise ArtifactError(f"{path}: damaged metadata (not a JSON object)")
-        meta = inner
-    return {str(k): str(v) for k, v in meta.items()}
+            raise ArtifactError(f"{path}: damaged metadata in the safetensors header") from None
+        if not isinstance(packed, dict):
+            raise ArtifactError(f"{path}: damaged metadata in the safetensors header")
+        out.update({str(k): str(v) for k, v in packed.items()})
+    return out
 
 
 def load_tensors(path: str | os.PathLike, expected_sha256: str | None, *,

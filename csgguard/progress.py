@@ -4,7 +4,8 @@
 * stderr is a pipe or a file (CI, ``2> log``, ``nohup``): a plain-text line every
   ``CSGGUARD_PROGRESS_INTERVAL`` seconds (default 30) and one when a task ends, e.g.
   ``attack: 512/10000 (5.1%), 41 s elapsed, ~760 s left, flagged 3`` -- so a long job
-  is never silent, and a log file holds no terminal control codes.
+  is never silent, and a log file holds no terminal control codes. A task shorter
+  than the interval prints nothing.
 * ``--no-progress`` or ``CSGGUARD_NO_PROGRESS=1``: nothing.
 
 Log messages are plain text: rich markup and control bytes in them (a file name such
@@ -121,12 +122,12 @@ class PlainProgress(_NullProgress):
 
     def remove_task(self, task_id: int) -> None:
         t = self.tasks.pop(task_id, None)
-        if t is not None and not t["done"] and t["completed"]:
+        if t is not None and not t["done"] and t["completed"] and time.monotonic() - t["start"] >= self.interval:
             self._print(t)
 
     def __exit__(self, *exc):
         for t in self.tasks.values():
-            if not t["done"] and t["completed"]:
+            if not t["done"] and t["completed"] and time.monotonic() - t["start"] >= self.interval:
                 self._print(t)
         return False
 
@@ -134,7 +135,8 @@ class PlainProgress(_NullProgress):
         now = time.monotonic()
         finished = t["total"] is not None and t["completed"] >= t["total"]
         if finished and not t["done"]:
-            self._print(t)
+            if now - t["start"] >= self.interval:  # a quick task ends quietly
+                self._print(t)
             t["done"] = True
         elif not finished and now - t["last"] >= self.interval:
             self._print(t)

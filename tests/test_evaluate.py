@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import csgguard.evaluate as E
+from csgguard import load_model
 from csgguard.cli import main
 
 DETECTORS = ("csg-clean", "csg-supervised", "mahalanobis", "lid", "kd-bu", "feature-squeezing")
@@ -128,11 +128,12 @@ def test_cli_bad_input(digits_csg_run, tmp_path, extra, msg):
 
 
 def test_cli_compare_run_mismatch(digits_csg_run, digits_std_run, tmp_path):
+    from csgguard.models.store import save_model
+
     other = tmp_path / "other"
-    shutil.copytree(digits_std_run, other)
-    manifest = json.loads((other / "model.json").read_text())
-    manifest["classes"] = [f"c{i}" for i in range(len(manifest["classes"]))]
-    (other / "model.json").write_text(json.dumps(manifest))
+    std = load_model(digits_std_run)  # the same network saved under other class names (model.json alone
+    save_model(std.model, other, classes=[f"c{i}" for i in range(len(std.classes))],  # cannot be edited)
+               dataset=std.manifest["dataset"], training=std.manifest["training"])
     code, text = _cli(["evaluate", "--run", str(digits_csg_run), "--compare-run", str(other),
                        "--out", str(tmp_path / "rep"), "--device", "cpu"])
     assert code == 2 and "same classes" in text and "Traceback" not in text

@@ -140,6 +140,21 @@ def _edit(path, fn, raw: str | None = None):
     path.write_text(raw if raw is not None else json.dumps(m))
 
 
+def _forge(run, edit):
+    """An attacker who controls both files: edit model.json, rewrite the weights' header copy and the hash."""
+    from safetensors.torch import load_file
+
+    from csgguard.artifacts import canonical_json, save_tensors
+    from csgguard.models.store import COVERED
+
+    m = json.loads((run / "model.json").read_text())
+    edit(m)
+    tensors = load_file(str(run / "model.safetensors"))
+    m["weights"]["sha256"] = save_tensors(run / "model.safetensors", tensors, metadata={
+        "format": "csgguard.model", "manifest": canonical_json({k: m[k] for k in COVERED})})
+    (run / "model.json").write_text(json.dumps(m))
+
+
 def test_item4_huge_sizes_are_refused_before_anything_is_built(run_copy, monkeypatch):
     import time
 
@@ -154,16 +169,18 @@ def test_item4_huge_sizes_are_refused_before_anything_is_built(run_copy, monkeyp
         built.append(torch.empty(0).device.type)  # "meta" while shapes are checked, "cpu" for a real build
         real_init(self, config)
     monkeypatch.setattr(csg.CSGNet, "__init__", spy)
-    for n in (10_000_000, 1_000_000_000, 5_000):
-        _edit(run_copy / "model.json", lambda m, n=n: m["model"].update(num_classes=n))
+    for n in (10_000_000, 1_000_000_000, 50_000):
+        _forge(run_copy, lambda m, n=n: (m["model"].update(num_classes=n), m.update(classes=[str(i) for i in range(n)])
+                                        if n <= 50_000 else None))
         start = time.perf_counter()
         line = one_line_error(_cli("inspect", "--run", run_copy))
-        assert time.perf_counter() - start < 5 and "model.json" in line
-    assert "cpu" not in built  # nothing was built for real: the sizes were checked first
+        assert time.perf_counter() - start < 5 and ("num_classes" in line or "model.json implies" in line), line
+    assert "cpu" not in built  # nothing was built for real: the sizes were checked against the weights first
 
 
 @pytest.mark.parametrize("edit,needle", [
     (lambda m: m["model"].update(num_classes=-3), "num_classes"),
+    (lambda m: m["model"].update(num_classes=10**7), "num_classes must be an integer in [2, 100000]"),
     (lambda m: m.update(classes=[]), "classes"),
     (lambda m: m.update(classes=None), "classes"),
     (lambda m: m.pop("input"), "input"),
@@ -183,7 +200,14 @@ def test_item5_6_malformed_model_json_is_one_line_exit_2(run_copy, edit, needle)
     assert needle in one_line_error(_cli("inspect", "--run", run_copy))
 
 
-def test_item5_non_finite_json_numbers_are_refused(run_copy):
+def test_item5_non_finite_json_numbers_are_refused(run_copy, tmp_path):
+    from csgguard.artifacts import read_json
+    from csgguard.errors import ArtifactError
+
+    for bad in ("NaN", "-Infinity", "1e400"):  # every JSON file csgguard reads, whatever field
+        (tmp_path / "x.json").write_text('{"anything": [1, ' + bad + ']}')
+        with pytest.raises(ArtifactError, match="finite"):
+            read_json(tmp_path / "x.json")
     text = (run_copy / "model.json").read_text()
     m = json.loads(text)
     for bad in ("NaN", "Infinity", "1e400"):
@@ -217,8 +241,13 @@ def test_item5_detector_fields_are_covered_by_the_hash(fitted_run, tmp_path):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "1e308"])
 def test_item5_screen_threshold_must_be_finite(fitted_run, value):
+    from csgguard.errors import CsgguardError
+    from csgguard.screening import screen
+
     line = one_line_error(_cli("screen", fitted_run, "--run", fitted_run, "--threshold", value))
     assert "--threshold" in line
+    with pytest.raises(CsgguardError, match="finite"):  # the Python API too
+        screen([fitted_run], fitted_run, threshold=float(value))
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -358,6 +387,7 @@ def test_item11_a_second_writer_of_a_run_folder_is_refused(digits_csg_run, tmp_p
     from csgguard.artifacts import LOCK_FILE, folder_lock
 
     run = tmp_path / "run"
+    run.mkdir()
     with folder_lock(run, "train"):  # another process training into run/ (flock: per open file, so it works here)
         line = one_line_error(_cli("train", "--out", run, "--epochs", "1"))
         assert "in use by another csgguard process" in line and f"pid {os.getpid()}" in line
