@@ -35,8 +35,8 @@ from ..features import Features
 from .base import Detector
 
 #: the default components and combiner of ``csg-clean`` (chosen by the rule in docs/detectors.md)
-DEFAULT_COMPONENTS = "taps,pattern,mismatch,margin,norm"
-DEFAULT_COMBINE = "max"
+DEFAULT_COMPONENTS = "taps,pattern,margin"
+DEFAULT_COMBINE = "sum"
 pseudo_gate = S.pseudo_gate  # re-exported: part of the public detector API
 
 
