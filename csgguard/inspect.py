@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import load_dataset
 from .models.store import load_model
+from .runs import load_run_dataset
 from .train import evaluate_model
 
 
@@ -44,9 +44,7 @@ def write_heatmap(gate: np.ndarray, classes: list[str], path: Path, title: str) 
 def inspect_run(run_dir: str | Path, *, data_root: str | None = None, split: str = "test",
                 heatmap: Path | None = None) -> dict[str, Any]:
     loaded = load_model(run_dir)
-    ds_info = loaded.manifest.get("dataset", {})
-    training = loaded.manifest.get("training", {})
-    ds = load_dataset(training.get("data", ds_info.get("name", "digits")), data_root or training.get("data_root"))
+    ds = load_run_dataset(loaded, data_root=data_root)
     ev = evaluate_model(loaded, ds, split)
     classes = loaded.classes
     model = loaded.model

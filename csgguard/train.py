@@ -547,7 +547,7 @@ def _finish(cfg: TrainConfig, out: Path, trainer: Trainer, ds: Dataset, device: 
     }
     if ctx.enabled:
         summary["world_size"] = ctx.world_size
-    dataset_info = {"name": ds.name, "source": ds.source, "split_seed": 0,
+    dataset_info = {"name": ds.name, "source": ds.source, **ds.recipe(), "train_limit": cfg.train_limit,
                     "sizes": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test)}}
     save_model(trainer.model.cpu(), out, classes=ds.classes, dataset=dataset_info,
                training=cfg.to_dict(), metrics=summary, state_dict=best_state)
