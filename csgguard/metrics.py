@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -67,3 +69,27 @@ def roc_points(clean_scores: np.ndarray, adv_scores: np.ndarray, max_points: int
         keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
         fpr, tpr = fpr[keep], tpr[keep]
     return {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
+
+
+def evaluate_model(loaded, dataset=None, split: str = "test", *, batch_size: int = 1024) -> dict[str, Any]:
+    """Accuracy, gate density and MIS of a loaded model on one split of its data.
+
+    ``dataset`` defaults to the run's own splits (:func:`csgguard.runs.load_run_dataset`).
+    """
+    from .features import extract_features
+
+    if dataset is None:
+        from .runs import load_run_dataset
+
+        dataset = load_run_dataset(loaded)
+    s = dataset.split(split)
+    feats = extract_features(loaded.model, s.x(), batch_size=batch_size)
+    labels = s.labels.numpy()
+    gate = loaded.model.gate
+    return {
+        "accuracy": accuracy(feats.logits, labels),
+        "gate_density": None if gate is None else float(gate.density()),
+        "mis": mutual_information_score(feats.pooled, labels, dataset.num_classes),
+        "split": split,
+        "images": len(labels),
+    }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -25,35 +24,11 @@ def progress_enabled(requested: bool | None = None) -> bool:
     return not os.environ.get("CSGGUARD_NO_PROGRESS") and sys.stderr.isatty()
 
 
-def make_progress(enabled: bool | None = None) -> Progress | contextlib.nullcontext:
-    """A rich Progress on stderr, or a do-nothing stand-in when disabled (CI, pipes, tests)."""
-    if not progress_enabled(enabled):
-        return _NullProgress()
+def make_progress(enabled: bool | None = None) -> Progress:
+    """A rich Progress on stderr; disabled (it draws nothing) in CI, pipes and tests."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    console=stderr_console, transient=False)
-
-
-class _NullProgress:
-    """Same surface as rich.progress.Progress, does nothing."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, description: str, total: float | None = None, **fields) -> int:
-        return 0
-
-    def update(self, task_id: int, **kwargs) -> None:
-        pass
-
-    def advance(self, task_id: int, advance: float = 1) -> None:
-        pass
-
-    def remove_task(self, task_id: int) -> None:
-        pass
+                    console=stderr_console, transient=False, disable=not progress_enabled(enabled))
 
 
 def log(message: str) -> None:

@@ -22,7 +22,6 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..artifacts import to_jsonable
 from ..errors import CsgguardError
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -98,6 +97,8 @@ def _fmt(v: Any) -> str:
 
 def emit_rows(rows: Iterable[dict[str, Any]], columns: Sequence[str], fmt: str, title: str | None = None) -> None:
     """Print rows as a rich table, JSON array, JSON lines or CSV on stdout."""
+    from ..artifacts import to_jsonable
+
     rows = list(rows)
     if fmt == "json":
         click.echo(json.dumps(to_jsonable(rows), indent=2))
@@ -122,6 +123,8 @@ def emit_rows(rows: Iterable[dict[str, Any]], columns: Sequence[str], fmt: str, 
 
 def emit_mapping(data: dict[str, Any], fmt: str, title: str | None = None) -> None:
     """Print one record (key/value) as a table, JSON or CSV."""
+    from ..artifacts import to_jsonable
+
     if fmt == "json":
         click.echo(json.dumps(to_jsonable(data), indent=2))
         return

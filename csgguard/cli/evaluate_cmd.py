@@ -5,9 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import CsgguardError
-from ..evaluate import DEFAULT_ATTACKS, DEFAULT_DETECTORS, evaluate
 from ..progress import log
-from ..report import SUMMARY_COLUMNS, summary_rows
 from . import main
 from .common import (
     device_option,
@@ -18,6 +16,12 @@ from .common import (
     progress_option,
     run_option,
 )
+
+
+# = csgguard.evaluate.DEFAULT_ATTACKS / DEFAULT_DETECTORS, kept here so --help does not import torch
+# (tests/test_structure.py checks they agree)
+DEFAULT_ATTACKS = ("fgsm", "pgd", "cw", "deepfool")
+DEFAULT_DETECTORS = ("csg-clean", "csg-supervised", "mahalanobis", "lid", "kd-bu", "feature-squeezing")
 
 
 def _names(value: str, what: str) -> tuple[str, ...]:
@@ -60,6 +64,9 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
     the attack success rate per detector and attack, for the CSG model and (with
     --compare-run) its STD twin. See docs/evaluation.md.
     """
+    from ..evaluate import evaluate
+    from ..report import SUMMARY_COLUMNS, summary_rows
+
     report = evaluate(run_dir, compare_run=compare_run, attacks=_names(attacks, "attacks"),
                       detectors=_names(detectors, "detectors"), fpr=parse_fraction(fpr, "--fpr"), limit=limit,
                       seed=seed, device=device, supervised_on=supervised_on, adaptive=adaptive, out=out,

@@ -7,7 +7,6 @@ import json
 import click
 
 from ..errors import CsgguardError
-from ..fitting import fit_detector
 from ..progress import log
 from . import main
 from .common import (
@@ -67,6 +66,8 @@ def fit_command(run_dir, detector, attacks, eps, fpr, limit, params, data_root, 
             parsed[key] = json.loads(value)
         except json.JSONDecodeError:
             parsed[key] = value
+    from ..fitting import fit_detector
+
     result = fit_detector(run_dir, detector=detector, attacks=attacks.split(","),
                           eps=parse_fraction(eps, "--eps") if eps is not None else None, fpr=fpr, limit=limit,
                           params=parsed, device=device, data_root=data_root, out=out, batch_size=batch_size,

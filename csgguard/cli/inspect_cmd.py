@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..inspect import inspect_run
 from ..progress import log
 from . import main
 from .common import emit_mapping, emit_rows, format_option, run_option
@@ -28,6 +27,8 @@ def inspect_command(run_dir, data_root, split, heatmap, fmt):
     a classes x filters heatmap of the gate. STD models have no gate: their filters
     are listed by the class whose mean activation is highest.
     """
+    from ..inspect import inspect_run
+
     report = inspect_run(run_dir, data_root=data_root, split=split,
                          heatmap=Path(heatmap) if heatmap else None)
     if report.get("heatmap"):

@@ -10,15 +10,15 @@ import sys
 
 import click
 
-from ..artifacts import to_jsonable
-from ..images import parse_shard
 from ..progress import log
-from ..screening import ROW_FIELDS, screen
 from . import main
 from .common import EXIT_FLAGGED, device_option, emit_rows, progress_option, run_option
 
 
 def _stream(rows, fmt: str) -> None:
+    from ..artifacts import to_jsonable
+    from ..screening import ROW_FIELDS
+
     """jsonl / csv rows are written as they come: constant memory for any folder size."""
     if fmt == "csv":
         buf = io.StringIO()
@@ -73,6 +73,9 @@ def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, bat
 
     Exit status: 0 ran; 1 with --fail-on-flag and something flagged; 2 usage error.
     """
+    from ..images import parse_shard
+    from ..screening import screen
+
     screener, rows = screen(paths, run_dir, detector=detector_path, threshold=threshold, recursive=recursive,
                             batch_size=batch_size, workers=workers, shard=parse_shard(shard), device=device,
                             progress=progress)
