@@ -87,9 +87,28 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     assert not (tmp_path / "part" / "checkpoint.json").exists()
 
 
-def test_resume_with_other_settings_or_nothing_to_resume(tmp_path):
+def test_resume_with_other_settings_or_nothing_to_resume(tmp_path, monkeypatch):
     with pytest.raises(CsgguardError, match="nothing to resume"):
         train(TrainConfig(data="digits", epochs=2), tmp_path / "none", resume=True, progress=False)
+    # a real checkpoint (interrupted after epoch 1), then --resume with another setting
+    original = Trainer.run_epoch
+
+    def interrupting(self, epoch, *a, **k):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch, *a, **k)
+
+    monkeypatch.setattr(Trainer, "run_epoch", interrupting)
+    cfg = dict(data="digits", epochs=3, seed=0, width=16)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**cfg), tmp_path / "part", progress=False)
+    assert (tmp_path / "part" / "checkpoint.json").is_file()
+    monkeypatch.setattr(Trainer, "run_epoch", original)
+    for other in ({"lr": 1e-2}, {"seed": 1}, {"epochs": 4}):
+        with pytest.raises(CsgguardError, match="different settings"):
+            train(TrainConfig(**{**cfg, **other}), tmp_path / "part", resume=True, progress=False)
+    assert (tmp_path / "part" / "checkpoint.json").is_file()  # the refused resume kept the checkpoint
+    train(TrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)  # the same settings resume
 
 
 def test_bad_config_values():
