@@ -13,7 +13,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def mutual_information_score(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
                              max_samples: int = 2000, seed: int = 0) -> float:
-    """MIS (method.md section 2): mean over filters of the max over classes of MI(a_k; [y == c]).
+    """MIS (docs/method.md section 2): mean over filters of the max over classes of MI(a_k; [y == c]).
 
     Uses scikit-learn's ``mutual_info_classif`` (k-NN estimator). At most
     ``max_samples`` held-out samples are used (a fixed random subset), which keeps it

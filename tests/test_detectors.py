@@ -87,7 +87,7 @@ def test_clean_detector_separates_adversarial(csg, csg_adv):
     _, _, f = csg
     det = GateCleanDetector().fit(f["train"]).calibrate(f["val"])
     assert auroc(det.score_samples(f["test"]), det.score_samples(csg_adv["test"])) > 0.85
-    # the one-sided mismatch share is kept selectable but is a weaker score (method.md section 3)
+    # the one-sided mismatch share is kept selectable but is a weaker score (docs/method.md section 3)
     weak = GateCleanDetector(score="mismatch").fit(f["train"])
     assert auroc(weak.score_samples(f["test"]), weak.score_samples(csg_adv["test"])) < \
         auroc(det.score_samples(f["test"]), det.score_samples(csg_adv["test"]))
