@@ -32,7 +32,6 @@ import torch
 from .errors import DataError
 from .images import DECODER_VERSION, IMAGE_SUFFIXES
 
-
 MNIST_FILES = {
     "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
     "train_labels": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from .cli import main as cli_main
 from .cli.common import emit_rows, stdout_console

@@ -66,6 +66,21 @@ class Detector(BaseEstimator):
         except InvalidParameterError as exc:
             raise CsgguardError(f"detector {self.name!r}: {exc}") from None
 
+    def bind_model(self, model) -> Detector:
+        """The model a ``needs_inputs`` detector runs its extra passes through; returns ``self``.
+
+        Not a parameter (it is not saved and ``clone`` does not copy it): bind it again
+        after loading or cloning.
+        """
+        self._model = model
+        return self
+
+    def _bound_model(self, inputs, who: str):
+        model = getattr(self, "_model", None)
+        if inputs is None or model is None:
+            raise CsgguardError(f"{who} needs the model (bind_model) and the input images")
+        return model
+
     # -- learning -----------------------------------------------------------
     def fit(self, clean: Features, adversarial: Features | None = None, *, inputs=None,
             adversarial_inputs=None) -> Detector:

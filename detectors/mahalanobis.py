@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ..errors import CsgguardError
 from ..features import Features
 from .base import Detector
 
@@ -58,11 +57,6 @@ class MahalanobisDetector(Detector):
         self.noise = noise
         self.shrinkage = shrinkage
         self.batch_size = batch_size
-
-    def bind_model(self, model: torch.nn.Module) -> MahalanobisDetector:
-        """The model the pre-processing step differentiates through (``noise > 0`` only)."""
-        self._model = model
-        return self
 
     # -- fit ----------------------------------------------------------------
     def _fit(self, clean: Features, adversarial, *, inputs=None, adversarial_inputs=None) -> None:
@@ -118,9 +112,7 @@ class MahalanobisDetector(Detector):
         return dist.min(1).values
 
     def _preprocessed_pooled(self, features: Features, inputs) -> np.ndarray:
-        if inputs is None or getattr(self, "_model", None) is None:
-            raise CsgguardError("mahalanobis with noise > 0 needs the model (bind_model) and the input images")
-        model = self._model
+        model = self._bound_model(inputs, "mahalanobis with noise > 0")
         device = next(model.parameters()).device
         x_all = torch.as_tensor(inputs)
         out = []

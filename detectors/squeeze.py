@@ -58,10 +58,6 @@ class FeatureSqueezingDetector(Detector):
         self.median = median
         self.batch_size = batch_size
 
-    def bind_model(self, model: torch.nn.Module) -> FeatureSqueezingDetector:
-        self._model = model
-        return self
-
     def squeezers(self, channels: int) -> list[tuple[str, Any]]:
         bits = self.bits if self.bits is not None else (1 if channels == 1 else 5)
         out = [(f"bits{bits}", lambda x: reduce_bit_depth(x, bits))]
@@ -75,9 +71,7 @@ class FeatureSqueezingDetector(Detector):
 
     @torch.no_grad()
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:
-        if inputs is None or getattr(self, "_model", None) is None:
-            raise CsgguardError("feature-squeezing needs the model (bind_model) and the input images")
-        model = self._model
+        model = self._bound_model(inputs, "feature-squeezing")
         device = next(model.parameters()).device
         x_all = torch.as_tensor(inputs)
         squeezers = self.squeezers(int(x_all.shape[1]))

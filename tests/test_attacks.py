@@ -158,7 +158,7 @@ def test_pgd_restarts_retry_exactly_the_failures(loaded, xy):
     three = run(loaded, x, y, spec, eps=0.06, seed=0)
     assert calls[0][1] > 0, "eps too large for this check: nothing left to retry"
     assert len(calls) == 3 or calls[-1][1] == 0           # up to restarts tries in all
-    for (_, failing), (tried, _) in zip(calls, calls[1:]):
+    for (_, failing), (tried, _) in zip(calls, calls[1:], strict=False):
         assert tried == failing                             # each retry takes exactly the failures
     assert three.meta["succeeded"] > one.meta["succeeded"]
     assert three.meta["settings"]["restarts"] == 3

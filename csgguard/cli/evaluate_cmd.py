@@ -17,7 +17,6 @@ from .common import (
     run_option,
 )
 
-
 # = csgguard.evaluate.DEFAULT_ATTACKS / DEFAULT_DETECTORS, kept here so --help does not import torch
 # (tests/test_structure.py checks they agree)
 DEFAULT_ATTACKS = ("fgsm", "pgd", "cw", "deepfool")

@@ -74,7 +74,7 @@ def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, bat
     Exit status: 0 ran; 1 with --fail-on-flag and something flagged; 2 usage error.
     """
     from ..images import parse_shard
-    from ..screening import screen
+    from ..screening import ROW_FIELDS, screen
 
     screener, rows = screen(paths, run_dir, detector=detector_path, threshold=threshold, recursive=recursive,
                             batch_size=batch_size, workers=workers, shard=parse_shard(shard), device=device,
