@@ -27,11 +27,11 @@ import torch
 from .errors import CsgguardError
 from .features import extract_features
 
-Surrogate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Surrogate = Callable[..., torch.Tensor]  # (logits, pooled, taps) -> score
 
 
 def gate_clean_surrogate(det, model) -> Surrogate:
-    """A differentiable copy of a fitted detector's score on (logits, pooled)."""
+    """A differentiable copy of a fitted detector's score on (logits, pooled, taps) of one forward pass."""
     if hasattr(det, "torch_score"):
         return det.torch_score
     arrays, _ = det.state()
@@ -82,7 +82,7 @@ def gate_clean_surrogate(det, model) -> Surrogate:
         zs = [(comps[i]() - A["twosided_center_"][i]) / A["twosided_scale_"][i] for i in parts]
         return torch.stack(zs, 1).max(1).values
 
-    def surrogate(logits, pooled):
+    def surrogate(logits, pooled, taps=()):
         if score in ("maha-margin", "classcov-margin"):
             return two_sided(logits, pooled, (0, 2) if score == "maha-margin" else (1, 2))
         if score != "combined":
@@ -110,8 +110,8 @@ def adaptive_pgd(model, x: torch.Tensor, y: torch.Tensor, surrogate: Surrogate, 
         for it in range(steps + 1):
             xa.requires_grad_(True)
             with torch.enable_grad():
-                logits, pooled, _ = model.forward_signals(xa)
-                det = surrogate(logits, pooled)
+                logits, pooled, taps = model.forward_signals(xa)
+                det = surrogate(logits, pooled, taps)  # the taps too: csg-clean reads them
                 z_y = logits.gather(1, yb[:, None])[:, 0]
                 z_other = logits.masked_fill(torch.nn.functional.one_hot(yb, logits.shape[1]).bool(),
                                              -float("inf")).max(1).values
@@ -120,7 +120,7 @@ def adaptive_pgd(model, x: torch.Tensor, y: torch.Tensor, surrogate: Surrogate, 
             with torch.no_grad():
                 fooled = logits.argmax(1) != yb
                 better = fooled & (det < best_s)
-                best_x[better], best_s[better] = xa.detach()[better], det.detach()[better]
+                best_x[better], best_s[better] = xa.detach()[better], det.detach()[better].to(best_s.dtype)
                 if it == steps:
                     break
                 xa = xa.detach() - alpha * grad.sign()

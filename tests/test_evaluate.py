@@ -1,9 +1,8 @@
-"""The evaluation protocol (method.md section 4): splits, fixed thresholds, counts, report, CLI errors."""
+"""The evaluation protocol (docs/method.md section 4): splits, fixed thresholds, counts, report, CLI errors."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -128,11 +127,14 @@ def test_cli_bad_input(digits_csg_run, tmp_path, extra, msg):
 
 
 def test_cli_compare_run_mismatch(digits_csg_run, digits_std_run, tmp_path):
+    from csgguard.models.store import load_model, save_model
+
+    # a consistent run (weights, hash-covered manifest) whose classes differ: model.json alone cannot be
+    # edited any more (the weights' hash covers the classes, issue 11)
     other = tmp_path / "other"
-    shutil.copytree(digits_std_run, other)
-    manifest = json.loads((other / "model.json").read_text())
-    manifest["classes"] = [f"c{i}" for i in range(len(manifest["classes"]))]
-    (other / "model.json").write_text(json.dumps(manifest))
+    std = load_model(digits_std_run)
+    save_model(std.model, other, classes=[f"c{i}" for i in range(len(std.classes))],
+               dataset=std.manifest.get("dataset"), training=std.manifest.get("training"))
     code, text = _cli(["evaluate", "--run", str(digits_csg_run), "--compare-run", str(other),
                        "--out", str(tmp_path / "rep"), "--device", "cpu"])
     assert code == 2 and "same classes" in text and "Traceback" not in text
