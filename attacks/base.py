@@ -10,7 +10,6 @@ perturbation statistics and timing.
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any, ClassVar
 
@@ -33,17 +32,18 @@ class AttackSpec:
     norms: ClassVar[tuple[str, ...]] = ("linf",)
     #: minimisation attacks (C&W, DeepFool) search for the smallest perturbation and take no eps
     minimization: ClassVar[bool] = False
+    #: tries per input in all (only PGD, whose random start makes a retry differ, sets it per instance)
+    restarts: int = 1
 
     def __init__(self, *, norm: str | None = None) -> None:
         self.norm = check_norm(norm or self.norms[0], self.norms, self.name)
 
     # -- parameters ---------------------------------------------------------
     def get_params(self) -> dict[str, Any]:
-        """The settings as given to ``__init__`` (after presets are resolved), for the sidecar."""
-        sig = inspect.signature(type(self).__init__)
-        return {k: getattr(self, k) for k in sig.parameters if k != "self"}
+        """The settings this instance holds (``__init__`` stores each one under its own name), for the sidecar."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # as foolbox: from the instance's own attributes
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
 
@@ -51,10 +51,6 @@ class AttackSpec:
     def foolbox_attack(self):
         """The configured foolbox attack object."""
         raise NotImplementedError
-
-    @property
-    def restarts(self) -> int:
-        return 1
 
     def resolve_eps(self, eps: float | None, *, dataset: str | None = None,
                     shape: tuple[int, ...] | None = None) -> float | None:
@@ -73,7 +69,13 @@ class AttackSpec:
     # -- the shared loop -------------------------------------------------------
     def attack_batch(self, fmodel, attack, x: torch.Tensor, y: torch.Tensor, eps: float | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One foolbox call (plus restarts on the failures); returns (x_adv, foolbox success)."""
+        """One foolbox call, plus ``restarts - 1`` retries of the inputs still not adversarial.
+
+        foolbox's ``Repeated`` wrapper re-runs the whole batch every time and keeps the
+        best; retrying only the failures gives the same success mask (a success is never
+        replaced) for the cost of the failures alone, which after the first try are
+        usually a small share of the batch. Returns (x_adv, foolbox success).
+        """
         _, x_adv, ok = attack(fmodel, x, y, epsilons=eps)
         for _ in range(self.restarts - 1):
             todo = torch.nonzero(~ok).flatten()

@@ -10,7 +10,6 @@ dropped.
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -18,26 +17,13 @@ import numpy as np
 import torch
 
 from ..artifacts import atomic_write_bytes
+from ..images import encode_png, to_uint8
 from .advset import AdversarialSet
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) floats in [0, 1] -> uint8, rounding to the nearest level (what a PNG holds)."""
-    return np.clip(np.rint(np.asarray(x, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def png_name(index: int, true: int, adv: int) -> str:
     """``<dataset index>_true<label>_adv<predicted>.png``: label and origin are recoverable from the name."""
     return f"{int(index)}_true{int(true)}_adv{int(adv)}.png"
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    arr = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def quantised_predictions(model: torch.nn.Module, q: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -72,13 +72,14 @@ def attack_run_split(run_dir_or_loaded_model: Any, split: str = "test", method: 
                      progress: bool | None = None, **settings: Any) -> AdversarialSet:
     """Load a run's model and dataset, take ``split`` (first ``limit`` images) and :func:`run` on it.
 
-    The dataset and its root come from the manifest's ``training.data`` /
-    ``training.data_root`` unless ``data`` / ``data_root`` override them. The
+    The data are the run's own splits (:func:`csgguard.runs.load_run_dataset`);
+    ``data_root`` relocates them, ``data`` names another dataset instead. The
     attack's settings are checked before anything is loaded, so a bad request fails fast.
     """
     from ..data import load_dataset
     from ..devices import select_device
     from ..models.store import LoadedModel, load_model
+    from ..runs import load_run_dataset
 
     spec = make_attack(method, norm=norm, steps=steps, **settings)
     spec.resolve_eps(eps)  # range and "eps for a minimisation attack" errors, before loading anything
@@ -93,12 +94,10 @@ def attack_run_split(run_dir_or_loaded_model: Any, split: str = "test", method: 
         loaded.model.to(dev)
     else:
         loaded = load_model(Path(run_dir_or_loaded_model), dev)
-    training = loaded.manifest.get("training") or {}
-    data = data or training.get("data") or (loaded.manifest.get("dataset") or {}).get("name")
-    if not data:
-        raise DataError(f"{loaded.run_dir}: manifest names no dataset; pass --data")
-    root = data_root if data_root is not None else training.get("data_root")
-    part = load_dataset(data, root).split(split)
+    # the run's own splits (same val_fraction and seed as training) unless --data names other data
+    ds = load_dataset(data, data_root) if data else load_run_dataset(loaded, data_root=data_root)
+    data = ds.name
+    part = ds.split(split)
     if limit is not None:
         part = part.subset(np.arange(min(limit, len(part))))
     if len(part) == 0:

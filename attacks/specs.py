@@ -103,15 +103,7 @@ class PGD(_Iterative):
     def __init__(self, *, norm: str = "linf", steps: int | None = None, rel_stepsize: float | None = None,
                  random_start: bool = True, restarts: int = 1) -> None:
         super().__init__(norm=norm, steps=steps, rel_stepsize=rel_stepsize, random_start=random_start)
-        self.n_restarts = _count(restarts, "restarts", self.name)
-
-    @property
-    def restarts(self) -> int:
-        return self.n_restarts
-
-    def get_params(self) -> dict[str, Any]:
-        params = {k: v for k, v in super().get_params().items() if k != "restarts"}
-        return {**params, "restarts": self.n_restarts}
+        self.restarts = _count(restarts, "restarts", self.name)
 
 
 CW_PRESETS: dict[str, dict[str, Any]] = {

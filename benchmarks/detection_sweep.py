@@ -16,7 +16,7 @@ run and, optionally, its STD twin, then prints markdown tables:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/detection_sweep.py --run runs/csg --limit 300 \\
         --attacks fgsm,pgd --eps 0.1,0.3 --detectors csg-clean,mahalanobis --no-adaptive --steps 10
     # detector variants (a label that is no registered name names its base detector):
-    ... --detectors csg-clean,csg-maha --detector-params '{"csg-maha": {"detector": "csg-clean", "score": "mahalanobis"}}'
+    ... --detectors csg-clean,csg-maha --detector-params '{"csg-maha": {"detector": "csg-clean", "components": "pattern"}}'
     ... --json sweep.json        # every row (no ROC points), the curves, thresholds and the matrix
 
 Every number printed says where it came from: the command line, the machine, the data,
@@ -136,7 +136,7 @@ def _detector_params(text: str | None) -> dict[str, dict[str, Any]]:
         sys.exit(f"error: --detector-params is not JSON ({exc})")
     if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
         sys.exit('error: --detector-params must map detector labels to parameter objects, e.g. '
-                 '{"csg-clean": {"score": "mahalanobis"}}')
+                 '{"csg-clean": {"components": "pattern"}}')
     return params
 
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--l2-eps", default=None, help="L2 budgets (default per dataset)")
     ap.add_argument("--supervised-on", default=None, help="default fgsm,pgd (every Linf budget)")
     ap.add_argument("--detector-params", default=None, metavar="JSON",
-                    help='label -> parameters, e.g. \'{"csg-clean": {"score": "mahalanobis"}}\'; a label that is '
+                    help='label -> parameters, e.g. \'{"csg-clean": {"components": "pattern"}}\'; a label that is '
                          'no registered detector needs "detector": BASE; @FILE reads the JSON from FILE')
     ap.add_argument("--limit", type=int, default=None, help="test images used (split in three); small for smoke runs")
     ap.add_argument("--fpr", type=float, default=0.05)

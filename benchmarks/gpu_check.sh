@@ -6,8 +6,8 @@
 #
 # Run from the repository root on a machine with one CUDA GPU. Needs, carried beside
 # the working tree (both git-ignored; see docs/scaling.md):
-#   .whl/                  foolbox, eagerpy, GitPython, gitdb, smmap, skops, prettytable,
-#                          wcwidth wheels (the GPU image has torch, sklearn, click, rich ...)
+#   .whl/                  foolbox, eagerpy, GitPython, gitdb, smmap (foolbox and its dependencies),
+#                          as wheels (the GPU image has torch, sklearn, click, rich ...)
 #   .data/cifar10-jpeg/    train.tar.gz + test.tar.gz (the shared JPEG q75 copy)
 # Whole run budget: about 8 minutes on an H100; every step has its own timeout.
 set -uo pipefail

@@ -63,7 +63,7 @@ def adaptive_pgd(model, x: torch.Tensor, y: torch.Tensor, surrogate: Surrogate, 
             with torch.no_grad():
                 fooled = logits.argmax(1) != yb
                 better = fooled & (det < best_s)
-                best_x[better], best_s[better] = xa.detach()[better], det.detach()[better]
+                best_x[better], best_s[better] = xa.detach()[better], det.detach()[better].to(best_s.dtype)
                 if it == steps:
                     break
                 xa = xa.detach() - alpha * grad.sign()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
 import struct
 import tarfile
@@ -31,8 +30,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+from .images import DECODER_VERSION, IMAGE_SUFFIXES
 
 MNIST_FILES = {
     "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
@@ -95,6 +93,15 @@ class Dataset:
     source: str = ""
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    spec: str = ""                       # the name it was opened by (imagefolder: with its absolute path)
+    root: str | None = None              # the absolute data root it was read from (mnist, cifar10)
+    val_fraction: float | None = None    # the share of train carved out as val (the effective value)
+    split_seed: int = 0                  # the seed of that carving (and of any train/test split)
+
+    def recipe(self) -> dict[str, object]:
+        """What reopens exactly these splits: ``load_dataset(spec, data_root, seed=, val_fraction=)``."""
+        return {"spec": self.spec or self.name, "data_root": self.root, "val_fraction": self.val_fraction,
+                "split_seed": self.split_seed}
 
     @property
     def in_channels(self) -> int:
@@ -160,7 +167,7 @@ def _make(name: str, classes: list[str], train_images, train_labels, test_images
     train.indices, val.indices = order_tr[train.indices], order_tr[val.indices]
     test = Split("test", test_images, test_labels, order_te)
     mean, std = _channel_stats(train.images)
-    return Dataset(name, classes, train, val, test, source, mean, std)
+    return Dataset(name, classes, train, val, test, source, mean, std, val_fraction=val_fraction, split_seed=seed)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -240,20 +247,17 @@ def load_mnist_dataset(root: str | os.PathLike, val_fraction: float = 1 / 12, se
 # ----------------------------------------------------------------------------- image folders
 
 def _decode(data: bytes, name: str, mode: str | None, size: int | None) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """One image file's bytes -> uint8 (C, H, W), by the decoder screening uses too."""
+    from .images import decode_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            im = im.convert(mode or ("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"))
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{name}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
+        arr = decode_image(data, mode, size)[0]
+    except ValueError as exc:
+        reason = str(exc) if str(exc).startswith("cannot decode image") else f"cannot decode image: {exc}"
+        raise DataError(f"{name}: {reason}") from None
     # contiguous CHW: np.stack keeps a transposed view's memory order, and raw-buffer writers
     # (the safetensors cache) would then store the pixels scrambled
-    return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    return np.ascontiguousarray(arr)
 
 
 def _decode_many(items: list[tuple[str, bytes, int]], mode: str | None, size: int | None
@@ -396,8 +400,9 @@ def _cached_decode(key_paths: list[Path], build, tag: str):
 
     from .artifacts import atomic_write_bytes
 
-    # "v2": entries written before arrays were made contiguous hold scrambled pixels; never reuse them
-    h = hashlib.sha256(f"v2|{tag}".encode())
+    # "v3": entries written before arrays were made contiguous ("v1") hold scrambled pixels, and those of
+    # the old per-module PIL decoder ("v2") other pixels than decode_image's; never reuse either
+    h = hashlib.sha256(f"v3|{tag}".encode())
     for p in key_paths:
         st = p.stat()
         h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -439,7 +444,7 @@ def load_imagefolder_dataset(path: str | os.PathLike, *, name: str = "imagefolde
             xtr, ytr = _decode_many(tr, mode, image_size)
             xte, yte = _decode_many(te, "L" if xtr.shape[1] == 1 else "RGB", xtr.shape[2])
             return cls, {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte}
-        cls, a = _cached_decode(tars, build, f"tar|{image_size}|{mode}|{classes}")
+        cls, a = _cached_decode(tars, build, f"tar|{image_size}|{mode}|{classes}|{DECODER_VERSION}")
         return _make(name, cls, a["xtr"], a["ytr"], a["xte"], a["yte"], val_fraction, seed, str(root),
                      class_sorted=True)
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -576,19 +581,23 @@ def load_dataset(spec: str = "digits", root: str | os.PathLike | None = None, *,
     if val_fraction is not None:
         kw["val_fraction"] = val_fraction
     if spec == "digits":
-        return load_digits_dataset(**kw)
+        ds = load_digits_dataset(**kw)
+        ds.spec = "digits"
+        return ds
     root = root if root is not None else os.environ.get("CSGGUARD_DATA_ROOT")
-    if spec == "mnist":
+    if spec in ("mnist", "cifar10"):
         if root is None:
-            raise DataError("mnist needs --data-root DIR holding the IDX files (or CSGGUARD_DATA_ROOT)")
-        return load_mnist_dataset(root, **kw)
-    if spec == "cifar10":
-        if root is None:
-            raise DataError("cifar10 needs --data-root DIR (or CSGGUARD_DATA_ROOT)")
-        return load_cifar10_dataset(root, **kw)
+            what = "the IDX files" if spec == "mnist" else "CIFAR-10"
+            raise DataError(f"{spec} needs --data-root DIR holding {what} (or CSGGUARD_DATA_ROOT)")
+        load = load_mnist_dataset if spec == "mnist" else load_cifar10_dataset
+        ds = load(root, **kw)
+        ds.spec, ds.root = spec, os.path.abspath(root)
+        return ds
     if spec.startswith("imagefolder:"):
         path = spec.split(":", 1)[1]
         if not path:
             raise DataError("imagefolder needs a path: --data imagefolder:PATH")
-        return load_imagefolder_dataset(path, **kw)
+        ds = load_imagefolder_dataset(path, **kw)
+        ds.spec = "imagefolder:" + os.path.abspath(path)
+        return ds
     raise DataError(f"unknown dataset {spec!r}; choose one of {', '.join(DATASET_NAMES)}")

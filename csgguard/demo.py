@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from .cli import main as cli_main
 from .cli.common import emit_rows, stdout_console
@@ -32,19 +31,16 @@ def _step(title: str, args: list[str]) -> None:
 
 def write_clean_pngs(run: Path, folder: Path, start: int, count: int) -> int:
     """Write ``count`` clean test images (from position ``start``) as 8-bit PNGs."""
-    from PIL import Image
+    from .artifacts import atomic_write_bytes
+    from .images import encode_png
+    from .runs import load_run_dataset
 
-    from .data import load_dataset
-    from .models.store import read_manifest
-
-    training = read_manifest(run).get("training", {})
-    test = load_dataset(training.get("data", "digits"), training.get("data_root")).test
+    test = load_run_dataset(run).test
     folder.mkdir(parents=True, exist_ok=True)
     x = test.x()[start:start + count].numpy()
     for i, img in enumerate(x):
-        arr = np.round(img[0] * 255).astype(np.uint8) if img.shape[0] == 1 else \
-            np.round(img.transpose(1, 2, 0) * 255).astype(np.uint8)
-        Image.fromarray(arr).save(folder / f"{int(test.indices[start + i])}_true{int(test.labels[start + i])}.png")
+        atomic_write_bytes(folder / f"{int(test.indices[start + i])}_true{int(test.labels[start + i])}.png",
+                           encode_png(img))
     return len(x)
 
 

@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import load_dataset
 from .detectors import DETECTORS, build_detector, detector_class
 from .devices import select_device
 from .errors import CsgguardError
@@ -51,6 +50,7 @@ from .features import Features, extract_features
 from .metrics import accuracy, metrics_row, monotonicity_violations
 from .models.store import LoadedModel, load_model
 from .progress import log, make_progress
+from .runs import load_run_dataset
 from .sweep import (
     SWEEP_ATTACKS,
     Cell,
@@ -452,9 +452,7 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
     if compare_run is not None:
         models["std"] = load_model(compare_run, dev)
         check_compatible(models["csg"], models["std"])
-    training = models["csg"].manifest.get("training", {})
-    data_name = training.get("data") or models["csg"].manifest.get("dataset", {}).get("name", "digits")
-    ds = load_dataset(data_name, data_root or training.get("data_root"))
+    ds = load_run_dataset(models["csg"], data_root=data_root)
     test = ds.test
     shape = tuple(test.images.shape[1:])
     linf = resolve_budgets(linf_req, "linf", ds.name, shape)

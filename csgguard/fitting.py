@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import Split, load_dataset
+from .data import Split
 from .devices import select_device
 from .errors import CsgguardError
 from .features import Features, extract_features
 from .models.store import LoadedModel, load_model
+from .runs import load_run_dataset
 from .sweep import (
     Cell,
     build_cells,
@@ -118,10 +119,8 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
     loaded = load_model(run_dir, dev)
     if cls.needs_inputs:
         raise CsgguardError(f"detector {detector!r} needs raw inputs; fit it through `csgguard evaluate`")
-    ds_info = loaded.manifest.get("dataset") or {}
-    data_name = ds_info.get("name") or loaded.manifest.get("training", {}).get("data") or "digits"
-    data_root = data_root or loaded.manifest.get("training", {}).get("data_root")
-    ds = load_dataset(data_name, data_root, seed=int(ds_info.get("split_seed", 0)))
+    ds = load_run_dataset(loaded, data_root=data_root)
+    data_name = ds.name
     train = ds.train if limit is None else ds.train.subset(np.arange(min(limit, len(ds.train))))
 
     clean, keep = _clean_features(loaded, train, batch_size, dev)

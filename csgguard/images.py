@@ -1,4 +1,8 @@
-"""Reading arbitrary image files safely for ``csgguard screen``.
+"""Reading image files safely: the one decoder for training data and for ``csgguard screen``.
+
+:func:`decode_image` turns a file (or its bytes) into uint8 pixels; the image-folder
+datasets of :mod:`csgguard.data` and the screening loader below both call it, so
+a model is screened on exactly the pixels it would have been trained on.
 
 Anything can sit in a folder that is screened: empty files, truncated PNGs, text
 named ``.jpg``, decompression bombs, 16-bit or CMYK images, unreadable files,
@@ -14,6 +18,7 @@ with bounded prefetch: memory stays constant however large the folder.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -127,38 +132,65 @@ def _to_uint8(im) -> tuple[Any, str | None]:
     return im, None
 
 
-def decode_image(path: str, spec: InputSpec) -> tuple[np.ndarray, str | None]:
-    """Decode one file into a float32 (C, H, W) array in [0, 1]; return it and a conversion note.
+DECODER_VERSION = 2  # part of the decoded-dataset cache key: bump when decode_image's output changes
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def decode_image(source: str | os.PathLike | bytes, mode: str | None = None,
+                 size: int | tuple[int, int] | None = None, *, resize: str = "bilinear"
+                 ) -> tuple[np.ndarray, str | None]:
+    """Decode one image (a file path or its bytes) into uint8 (C, H, W); return it and a conversion note.
+
+    The one decoder of the project: training data (:mod:`csgguard.data`) and
+    screening both call it, so a model is screened on exactly the pixels it was
+    trained on. The rules, in order: EXIF orientation applied; 16-bit, 32-bit and
+    float greyscale scaled (not clipped) to 8 bits; transparency composited on
+    white; then converted to ``mode`` (``"L"`` or ``"RGB"``; ``None`` keeps grey
+    sources grey and makes everything else RGB) and resized to ``size``
+    (``(width, height)`` or a side length; ``None`` keeps the size) with
+    ``resize`` (``"bilinear"`` or ``"nearest"``).
 
     Raises ``ValueError`` with a short reason for anything that is not a usable image.
     """
+    import io
+
     from PIL import Image, ImageOps
 
-    if os.path.islink(path) and not os.path.exists(path):
-        raise ValueError("broken symlink")
-    if not os.path.isfile(path):
-        raise ValueError("not a regular file")
-    if os.path.getsize(path) == 0:
-        raise ValueError("empty file (0 bytes)")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ValueError("empty file (0 bytes)")
+        opener = io.BytesIO(bytes(source))
+    else:
+        path = os.fspath(source)
+        if os.path.islink(path) and not os.path.exists(path):
+            raise ValueError("broken symlink")
+        if not os.path.isfile(path):
+            raise ValueError("not a regular file")
+        if os.path.getsize(path) == 0:
+            raise ValueError("empty file (0 bytes)")
+        opener = path
+    if isinstance(size, int):
+        size = (size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as im:
+            with Image.open(opener) as im:
+                src_mode = im.mode
                 src = f"{im.format or '?'} {im.mode} {im.width}x{im.height}"
                 im.load()
+                target = mode or ("L" if src_mode in GREY_MODES else "RGB")
                 im = ImageOps.exif_transpose(im)
                 im, deep = _to_uint8(im)
-                if im.mode != spec.mode:
+                if im.mode != target:
                     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                         im = im.convert("RGBA")
                         flat = Image.new("RGBA", im.size, (255, 255, 255, 255))
                         im = Image.alpha_composite(flat, im)
-                    im = im.convert(spec.mode)
-                size = (spec.width, spec.height)
-                resized = im.size != size
+                    im = im.convert(target)
+                resized = size is not None and im.size != tuple(size)
                 if resized:
-                    resample = Image.Resampling.NEAREST if spec.resize == "nearest" else Image.Resampling.BILINEAR
-                    im = im.resize(size, resample)
+                    resample = Image.Resampling.NEAREST if resize == "nearest" else Image.Resampling.BILINEAR
+                    im = im.resize(tuple(size), resample)
                 arr = np.asarray(im, dtype=np.uint8)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ValueError(f"decompression bomb refused ({exc})") from None
@@ -168,11 +200,29 @@ def decode_image(path: str, spec: InputSpec) -> tuple[np.ndarray, str | None]:
             raise ValueError("not an image Pillow can identify") from None
         except (OSError, SyntaxError, EOFError, ValueError, TypeError, IndexError, MemoryError) as exc:
             raise ValueError(f"cannot decode image ({exc.__class__.__name__}: {exc})") from None
-    converted = None
-    if deep or resized or src.split(" ")[1] != spec.mode:
-        converted = f"{src} -> {spec.mode} {spec.width}x{spec.height}"
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr, dtype=np.float32) / 255.0, converted
+    converted = None
+    if deep or resized or src_mode != target:
+        converted = f"{src} -> {target} {arr.shape[2]}x{arr.shape[1]}"
+    return np.array(arr, order="C"), converted  # a writable copy
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] -> uint8, rounding to the nearest level (what an 8-bit PNG holds)."""
+    return np.clip(np.rint(np.asarray(x, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """One (C, H, W) image as 8-bit PNG bytes (grey for C=1, else RGB); floats in [0, 1] are rounded first."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = to_uint8(image)
+    arr = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr), mode="L" if arr.ndim == 2 else "RGB").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -187,8 +237,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str | None, str | None]:
         try:
-            arr, converted = decode_image(self.files[i], self.spec)
-            return i, torch.from_numpy(arr), None, converted
+            arr, converted = decode_image(self.files[i], self.spec.mode, (self.spec.width, self.spec.height),
+                                          resize=self.spec.resize)
+            return i, torch.from_numpy(arr).float().div_(255.0), None, converted
         except ValueError as exc:
             return i, torch.zeros(self.spec.channels, self.spec.height, self.spec.width), str(exc), None
         except Exception as exc:  # one odd file must never stop a screening run

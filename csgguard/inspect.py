@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from .data import load_dataset
+from .metrics import evaluate_model
 from .models.store import load_model
-from .train import evaluate_model
+from .report import write_heatmap
+from .runs import load_run_dataset
 
 
 def filters_per_class(gate: np.ndarray, classes: list[str], threshold: float = 0.5) -> dict[str, list[int]]:
@@ -17,36 +18,10 @@ def filters_per_class(gate: np.ndarray, classes: list[str], threshold: float = 0
     return {c: [int(k) for k in np.flatnonzero(gate[:, j] >= threshold)] for j, c in enumerate(classes)}
 
 
-def write_heatmap(gate: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .artifacts import atomic_write_bytes
-
-    order = np.lexsort((-gate.max(1), gate.argmax(1)))  # group filters by their main class
-    fig, ax = plt.subplots(figsize=(min(16, 2 + gate.shape[0] / 10), 0.4 * len(classes) + 1.5))
-    im = ax.imshow(gate[order].T, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("filter (sorted by main class)")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def inspect_run(run_dir: str | Path, *, data_root: str | None = None, split: str = "test",
                 heatmap: Path | None = None) -> dict[str, Any]:
     loaded = load_model(run_dir)
-    ds_info = loaded.manifest.get("dataset", {})
-    training = loaded.manifest.get("training", {})
-    ds = load_dataset(training.get("data", ds_info.get("name", "digits")), data_root or training.get("data_root"))
+    ds = load_run_dataset(loaded, data_root=data_root)
     ev = evaluate_model(loaded, ds, split)
     classes = loaded.classes
     model = loaded.model

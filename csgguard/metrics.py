@@ -13,7 +13,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def mutual_information_score(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
                              max_samples: int = 2000, seed: int = 0) -> float:
-    """MIS (method.md section 2): mean over filters of the max over classes of MI(a_k; [y == c]).
+    """MIS (docs/method.md section 2): mean over filters of the max over classes of MI(a_k; [y == c]).
 
     Uses scikit-learn's ``mutual_info_classif`` (k-NN estimator). At most
     ``max_samples`` held-out samples are used (a fixed random subset), which keeps it
@@ -111,3 +111,27 @@ def monotonicity_violations(curve: list[tuple[float, float | None]], tol: float 
                 out.append({"smaller": small, "larger": large, "rate_smaller": r_small, "rate_larger": r_large,
                             "drop": r_small - r_large})
     return out
+
+
+def evaluate_model(loaded, dataset=None, split: str = "test", *, batch_size: int = 1024) -> dict[str, Any]:
+    """Accuracy, gate density and MIS of a loaded model on one split of its data.
+
+    ``dataset`` defaults to the run's own splits (:func:`csgguard.runs.load_run_dataset`).
+    """
+    from .features import extract_features
+
+    if dataset is None:
+        from .runs import load_run_dataset
+
+        dataset = load_run_dataset(loaded)
+    s = dataset.split(split)
+    feats = extract_features(loaded.model, s.x(), batch_size=batch_size)
+    labels = s.labels.numpy()
+    gate = loaded.model.gate
+    return {
+        "accuracy": accuracy(feats.logits, labels),
+        "gate_density": None if gate is None else float(gate.density()),
+        "mis": mutual_information_score(feats.pooled, labels, dataset.num_classes),
+        "split": split,
+        "images": len(labels),
+    }

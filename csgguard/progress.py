@@ -50,44 +50,25 @@ def _interval() -> float:
         return DEFAULT_INTERVAL
 
 
-def make_progress(enabled: bool | None = None):
-    """A rich Progress on a terminal, plain periodic lines on a pipe, or a do-nothing stand-in.
+def make_progress(enabled: bool | None = None) -> Progress | PlainProgress:
+    """A rich Progress on a terminal, plain periodic lines on a pipe, or a disabled rich Progress.
 
-    ``enabled``: True forces the rich bar, False silences it, None decides from stderr.
+    ``enabled``: True forces the rich bar, False silences it (``Progress(disable=True)``: the
+    same object, drawing nothing), None decides from stderr.
     """
-    if enabled is False or (enabled is None and os.environ.get("CSGGUARD_NO_PROGRESS")):
-        return _NullProgress()
-    if progress_enabled(enabled):
+    silent = enabled is False or (enabled is None and os.environ.get("CSGGUARD_NO_PROGRESS"))
+    if silent or progress_enabled(enabled):
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                        console=stderr_console, transient=False)
+                        console=stderr_console, transient=False, disable=bool(silent))
     return PlainProgress(_interval())
 
 
-class _NullProgress:
-    """Same surface as rich.progress.Progress, does nothing."""
+class PlainProgress:
+    """Progress as plain text lines on stderr, at most one per ``interval`` seconds per task.
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, description: str, total: float | None = None, **fields) -> int:
-        return 0
-
-    def update(self, task_id: int, **kwargs) -> None:
-        pass
-
-    def advance(self, task_id: int, advance: float = 1) -> None:
-        pass
-
-    def remove_task(self, task_id: int) -> None:
-        pass
-
-
-class PlainProgress(_NullProgress):
-    """Progress as plain text lines on stderr, at most one per ``interval`` seconds per task."""
+    The part of rich.progress.Progress's surface the commands use.
+    """
 
     def __init__(self, interval: float = DEFAULT_INTERVAL, stream=None) -> None:
         self.interval = interval
@@ -124,6 +105,9 @@ class PlainProgress(_NullProgress):
         t = self.tasks.pop(task_id, None)
         if t is not None and not t["done"] and t["completed"] and time.monotonic() - t["start"] >= self.interval:
             self._print(t)
+
+    def __enter__(self):
+        return self
 
     def __exit__(self, *exc):
         for t in self.tasks.values():

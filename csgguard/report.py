@@ -13,7 +13,10 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .artifacts import atomic_write_bytes, atomic_write_text, write_json
+from .errors import ArtifactError
 from .sweep import format_eps
 
 SUMMARY_COLUMNS = ["model", "detector", "cell", "seen", "auroc", "tpr_at_target_fpr", "tpr_at_5pct_fpr",
@@ -240,8 +243,15 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=fig.dpi)
     return buf.getvalue()
+
+
+def _figure(figsize: tuple[float, float], dpi: int = 100):
+    """A matplotlib Figure that is not registered with pyplot: no backend switch, nothing to close."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, dpi=dpi)
 
 
 def _style(report: dict[str, Any], model: str, detector: str) -> dict[str, Any]:
@@ -262,10 +272,8 @@ def reference_budget(budgets: list[float], default: float | None) -> float:
 def curve_figure(report: dict[str, Any], attack: str):
     """The robustness curve of one swept attack: detection rate at each detector's fixed threshold vs
     budget, one line per detector and model (CSG solid, STD dashed). A :class:`~matplotlib.figure.Figure`."""
-    from matplotlib.figure import Figure
-
     norm, budgets = next((n, b) for a, n, b in _budgeted_attacks(report) if a == attack)
-    fig = Figure(figsize=(6, 4.5))
+    fig = _figure((6, 4.5))
     ax = fig.subplots()
     for c in report.get("sweep", []):
         if c["attack"] != attack:
@@ -279,7 +287,8 @@ def curve_figure(report: dict[str, Any], attack: str):
     ax.set(xlabel=f"{'Linf' if norm == 'linf' else 'L2'} budget", ylabel="detection rate at fixed threshold",
            title=f"Robustness curve: {attack} (target FPR {report['settings']['fpr']:g})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 
@@ -292,8 +301,6 @@ def write_curve_plots(report: dict[str, Any], out: Path) -> list[Path]:
 
 def write_roc_plots(report: dict[str, Any], out: Path) -> list[Path]:
     """roc_<attack>.png, budgeted attacks at one reference budget (named in the title)."""
-    from matplotlib.figure import Figure
-
     from .attacks.defaults import DEFAULT_EPS
 
     default = DEFAULT_EPS.get(report["data"]["dataset"], {})
@@ -307,7 +314,7 @@ def write_roc_plots(report: dict[str, Any], out: Path) -> list[Path]:
             cell, title = f"{a}@{format_eps(ref)}", f"ROC: {a} at {'Linf' if norm == 'linf' else 'L2'} {format_eps(ref)}"
         else:
             cell, title = a, f"ROC: {a}"
-        fig = Figure(figsize=(5.5, 5))
+        fig = _figure((5.5, 5))
         ax = fig.subplots()
         for r in (x for x in _rows(report) if x["cell"] == cell and x.get("roc")):
             ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], **_style(report, r["model"], r["detector"]),
@@ -315,26 +322,62 @@ def write_roc_plots(report: dict[str, Any], out: Path) -> list[Path]:
         ax.plot([0, 1], [0, 1], ":", color="grey")
         ax.axvline(report["settings"]["fpr"], color="grey", lw=0.5)
         ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title)
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         paths.append(atomic_write_bytes(out / f"roc_{a}.png", _png(fig)))
     return paths
 
 
-def write_report(report: dict[str, Any], out: Path) -> Path:
-    """Write report.json, report.md, curve_<attack>.png, roc_<attack>.png and gate_heatmap.png into ``out``."""
-    from .models.store import load_model
+def write_heatmap(gate: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
+    """The classes x filters gate matrix as a PNG, filters grouped by their main class."""
+    order = np.lexsort((-gate.max(1), gate.argmax(1)))
+    fig = _figure((min(16, 2 + gate.shape[0] / 10), 0.4 * len(classes) + 1.5), dpi=110)
+    ax = fig.subplots()
+    im = ax.imshow(gate[order].T, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("filter (sorted by main class)")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    return atomic_write_bytes(path, _png(fig))
 
+
+def read_gate(run_dir: str | Path, sha256: str | None = None) -> np.ndarray | None:
+    """The gate matrix (K x C) of a run, read alone from its weights file; None for a STD model.
+
+    For drawing only: the network is not rebuilt and the file is not hashed again
+    (the caller loaded and verified it); ``sha256`` must match what model.json records.
+    """
+    from safetensors import safe_open
+
+    from .models.store import read_manifest
+
+    manifest = read_manifest(run_dir)
+    if not manifest["model"].get("gate"):
+        return None
+    weights = manifest["weights"]
+    if sha256 is not None and weights.get("sha256") != sha256:
+        raise ArtifactError(f"{run_dir}: model.json now names other weights than the ones evaluated")
+    with safe_open(str(Path(run_dir) / weights.get("file", "model.safetensors")), framework="np") as f:
+        return np.asarray(f.get_tensor("gate.weight"))
+
+
+def write_report(report: dict[str, Any], out: Path, *, gate: np.ndarray | None = None) -> Path:
+    """Write report.json, report.md, curve_<attack>.png, roc_<attack>.png and gate_heatmap.png into ``out``.
+
+    ``gate`` is the evaluated CSG model's gate matrix; when not given it is read
+    alone from the run's weights (:func:`read_gate`), never by reloading the model.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report["files"] = [p.name for p in write_curve_plots(report, out)]
     report["files"] += [p.name for p in write_roc_plots(report, out)]
-    loaded = load_model(report["models"]["csg"]["run"])
-    if loaded.model.gate is not None:
-        from .inspect import write_heatmap
-
-        gate = loaded.model.gate.weight.detach().cpu().numpy()
-        write_heatmap(gate, loaded.classes, out / "gate_heatmap.png", "CSG gate (evaluated model)")
+    if gate is None:
+        csg = report["models"]["csg"]
+        gate = read_gate(csg["run"], csg.get("sha256")) if csg.get("gated", True) else None
+    if gate is not None:
+        write_heatmap(gate, report["data"]["classes"], out / "gate_heatmap.png", "CSG gate (evaluated model)")
         report["files"].append("gate_heatmap.png")
     report["files"] += ["report.md", "report.json"]
     atomic_write_text(out / "report.md", markdown(report))

@@ -554,7 +554,7 @@ def _finish(cfg: TrainConfig, out: Path, trainer: Trainer, ds: Dataset, device: 
     }
     if ctx.enabled:
         summary["world_size"] = ctx.world_size
-    dataset_info = {"name": ds.name, "source": ds.source, "split_seed": 0,
+    dataset_info = {"name": ds.name, "source": ds.source, **ds.recipe(), "train_limit": cfg.train_limit,
                     "sizes": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test)}}
     save_model(trainer.model.cpu(), out, classes=ds.classes, dataset=dataset_info,
                training=cfg.to_dict(), metrics=summary, state_dict=best_state)
@@ -608,22 +608,3 @@ def _read_checkpoint(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         raise CsgguardError(f"{path}: damaged checkpoint metadata (config / history missing)")
     return meta, tensors
 
-
-def evaluate_model(loaded, dataset: Dataset | None = None, split: str = "test") -> dict[str, Any]:
-    """Accuracy, gate density and MIS of a loaded model on a split (used by ``inspect``)."""
-    from .models.store import LoadedModel
-
-    assert isinstance(loaded, LoadedModel)
-    ds = dataset
-    s = ds.split(split)
-    feats = extract_features(loaded.model, s.x(), batch_size=1024)
-    labels = s.labels.numpy()
-    gate = loaded.model.gate
-    out = {
-        "accuracy": accuracy(feats.logits, labels),
-        "gate_density": None if gate is None else float(gate.density()),
-        "mis": mutual_information_score(feats.pooled, labels, ds.num_classes),
-        "split": split,
-        "images": len(labels),
-    }
-    return out

@@ -1,13 +1,25 @@
-"""The detector contract: scikit-learn style, on :class:`csgguard.features.Features`.
+"""The detector contract: a scikit-learn estimator on :class:`csgguard.features.Features`.
 
-* ``__init__`` only stores parameters (keyword-only).
+* Every detector subclasses :class:`sklearn.base.BaseEstimator`: ``__init__`` only
+  stores its keyword-only parameters, untouched; ``get_params(deep=True)``,
+  ``set_params`` and :func:`sklearn.base.clone` work; parameters are validated in
+  ``fit`` (``_parameter_constraints``, scikit-learn's own checker), where a bad
+  value raises :class:`~csgguard.errors.CsgguardError`.
 * ``fit(clean, adversarial=None)`` learns attributes ending in ``_`` from clean
   features (and, for supervised detectors, adversarial ones).
 * ``calibrate(clean_heldout)`` sets ``threshold_`` so that the share of held-out
   clean inputs with ``score > threshold_`` is at most ``fpr`` -- on data the fit
-  did not use. ``offset_`` is the same number (scikit-learn's name for it).
-* ``score_samples(features)``: one score per input, higher = more adversarial.
-* ``decision_function(features) = score_samples - threshold_``; ``predict`` = 1 where > 0.
+  did not use (scikit-learn's novelty detectors instead take a percentile of the
+  training scores; calibrating on held-out data is the honest version).
+* ``score_samples(features)``: one score per input, **higher = more adversarial**.
+* ``decision_function(features) = score_samples - threshold_``; ``predict`` = 1
+  (adversarial) where > 0, else 0.
+
+Sign convention and the name of the cut: scikit-learn's novelty detectors score
+*higher = more normal*, call their cut ``offset_`` (``decision_function =
+score_samples - offset_``) and predict +1 / -1. csgguard's scores point the other
+way, so its cut is called ``threshold_`` and there is **no** ``offset_``: an
+attribute with scikit-learn's name but the opposite sign would mislead.
 * ``state()`` / ``from_state()``: arrays + JSON-able params, so a fitted detector is
   saved as safetensors + JSON (see :mod:`csgguard.detectors.store`), never pickled.
 
@@ -18,9 +30,12 @@ input batch explicitly through ``bind_model`` and the ``inputs=`` keyword.
 
 from __future__ import annotations
 
+from numbers import Real
 from typing import Any, ClassVar
 
 import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import Interval, InvalidParameterError
 
 from ..errors import CsgguardError
 from ..features import Features
@@ -31,31 +46,45 @@ class NotFittedError(CsgguardError):
     pass
 
 
-class Detector:
+class Detector(BaseEstimator):
     """Base class: subclasses implement ``_fit`` and ``_score``; calibration lives here once."""
 
     name: ClassVar[str] = "base"
     supervised: ClassVar[bool] = False     # needs adversarial features to fit
     needs_inputs: ClassVar[bool] = False   # needs the model and raw inputs (extra forward passes)
     needs_gate: ClassVar[bool] = False     # only meaningful on a CSG model
+    #: scikit-learn parameter constraints; subclasses extend it with their own parameters
+    _parameter_constraints: ClassVar[dict] = {"fpr": [Interval(Real, 0, 1, closed="neither")]}
 
     def __init__(self, *, fpr: float = 0.05) -> None:
         self.fpr = fpr
 
-    # -- parameters (scikit-learn style) ------------------------------------
-    def get_params(self) -> dict[str, Any]:
-        import inspect
+    def validate_params(self) -> None:
+        """Check every parameter against ``_parameter_constraints`` (scikit-learn's checker)."""
+        try:
+            self._validate_params()
+        except InvalidParameterError as exc:
+            raise CsgguardError(f"detector {self.name!r}: {exc}") from None
 
-        sig = inspect.signature(type(self).__init__)
-        return {k: getattr(self, k) for k in sig.parameters if k != "self"}
+    def bind_model(self, model) -> Detector:
+        """The model a ``needs_inputs`` detector runs its extra passes through; returns ``self``.
 
-    def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({params})"
+        Not a parameter (it is not saved and ``clone`` does not copy it): bind it again
+        after loading or cloning.
+        """
+        self._model = model
+        return self
+
+    def _bound_model(self, inputs, who: str):
+        model = getattr(self, "_model", None)
+        if inputs is None or model is None:
+            raise CsgguardError(f"{who} needs the model (bind_model) and the input images")
+        return model
 
     # -- learning -----------------------------------------------------------
     def fit(self, clean: Features, adversarial: Features | None = None, *, inputs=None,
             adversarial_inputs=None) -> Detector:
+        self.validate_params()
         if self.needs_gate and clean.gate is None:
             raise CsgguardError(f"detector {self.name!r} needs a CSG model (this model has no gate)")
         if self.supervised and (adversarial is None or len(adversarial) == 0):
@@ -68,6 +97,7 @@ class Detector:
 
     def calibrate(self, clean_heldout: Features, *, inputs=None) -> Detector:
         """Choose ``threshold_`` on held-out clean data for the target ``fpr``."""
+        self.validate_params()
         n = len(clean_heldout)
         if n == 0:
             raise CsgguardError("no clean held-out samples to calibrate the threshold on")
@@ -76,7 +106,6 @@ class Detector:
                                 f"rate (need at least {int(np.ceil(1 / self.fpr))})")
         scores = self.score_samples(clean_heldout, inputs=inputs)
         self.threshold_ = threshold_at_fpr(scores, self.fpr)
-        self.offset_ = self.threshold_
         self.calibration_size_ = n
         # kept (not saved) so a report can read other operating points off the same calibration
         self.calibration_scores_ = scores
@@ -133,7 +162,6 @@ class Detector:
         det.fitted_ = True
         if "threshold_" in extra:
             det.threshold_ = float(extra["threshold_"])
-            det.offset_ = det.threshold_
             det.calibration_size_ = int(extra.get("calibration_size_", 0))
         return det
 

@@ -11,38 +11,42 @@
   fc layer only (numpy, no extra backbone pass). The random masks are seeded, so a
   score is reproducible.
 * A logistic regression on the standardised (log KD, BU) pair separates clean from
-  adversarial fit samples (supervised, as in the paper).
+  adversarial fit samples (supervised, as in the paper; the one scikit-learn
+  pipeline of :mod:`csgguard.detectors.logistic`). Kernel sums use SciPy's
+  ``logsumexp`` over scikit-learn's squared ``euclidean_distances``.
 """
 
 from __future__ import annotations
 
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
+from scipy.special import logsumexp, softmax
+from sklearn.utils._param_validation import Interval
 
 from ..features import Features
 from .base import Detector
-from .lid import fit_logistic, logistic_decision
+from .logistic import fit_logistic_pipeline, load_pipeline_arrays, logistic_decision
 
 
 def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T, 0.0)
+    from sklearn.metrics.pairwise import euclidean_distances
 
-
-def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-    m = x.max(axis=axis, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
+    return euclidean_distances(a, b, squared=True)
 
 
 class KDBUDetector(Detector):
     name = "kd-bu"
     supervised = True
+    _parameter_constraints = {
+        **Detector._parameter_constraints,
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "passes": [Interval(Integral, 1, None, closed="left")],
+        "bandwidth": [None, Interval(Real, 0, None, closed="neither")],
+        "c": [Interval(Real, 0, None, closed="neither")],
+        "seed": [Interval(Integral, 0, None, closed="left")],
+    }
 
     def __init__(self, *, fpr: float = 0.05, dropout: float = 0.5, passes: int = 50,
                  bandwidth: float | None = None, c: float = 1.0, seed: int = 0) -> None:
@@ -67,7 +71,7 @@ class KDBUDetector(Detector):
             rows = np.flatnonzero(pred == c)
             if len(ref) == 0:
                 continue
-            out[rows] = _logsumexp(-_sq_dists(f[rows], ref) / (2 * h * h), 1) - np.log(len(ref))
+            out[rows] = logsumexp(-_sq_dists(f[rows], ref) / (2 * h * h), 1) - np.log(len(ref))
         return out
 
     def _bu(self, features: Features) -> np.ndarray:
@@ -79,7 +83,7 @@ class KDBUDetector(Detector):
         mean = np.zeros((len(a), len(b)))
         for _ in range(self.passes):
             mask = rng.random(a.shape) < keep
-            p = _softmax((a * mask / keep) @ w.T + b)
+            p = softmax((a * mask / keep) @ w.T + b, axis=-1)
             sq_sum += (p * p).sum(1)
             mean += p
         mean /= self.passes
@@ -102,7 +106,7 @@ class KDBUDetector(Detector):
             for d2 in d2_by_class:
                 logk = -d2 / (2 * h * h)
                 np.fill_diagonal(logk, -np.inf)
-                ll += float((_logsumexp(logk, 1) - np.log(len(d2) - 1) - dim * np.log(h)).sum())
+                ll += float((logsumexp(logk, 1) - np.log(len(d2) - 1) - dim * np.log(h)).sum())
             if ll > best_ll:
                 best, best_ll = h, ll
         return best
@@ -121,7 +125,7 @@ class KDBUDetector(Detector):
         s_clean[:, 0] = self._log_kd_loo(self.ref_, self.ref_class_)
         x = np.concatenate([s_clean, self._signals(adversarial)])
         y = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]
-        self.lr_ = fit_logistic(x, y, self.c, self.seed)
+        self.lr_ = fit_logistic_pipeline(x, y, C=self.c, seed=self.seed)
 
     def _log_kd_loo(self, f: np.ndarray, cls: np.ndarray) -> np.ndarray:
         out = np.full(len(f), -1e6)
@@ -132,7 +136,7 @@ class KDBUDetector(Detector):
                 continue
             logk = -_sq_dists(f[rows], f[rows]) / (2 * h * h)
             np.fill_diagonal(logk, -np.inf)
-            out[rows] = _logsumexp(logk, 1) - np.log(len(rows) - 1)
+            out[rows] = logsumexp(logk, 1) - np.log(len(rows) - 1)
         return out
 
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:
@@ -149,4 +153,4 @@ class KDBUDetector(Detector):
         self.ref_ = np.asarray(arrays["ref"], np.float64)
         self.ref_class_ = np.asarray(arrays["ref_class"], np.int64)
         self.bandwidth_ = float(extra["bandwidth_"])
-        self.lr_ = {k: np.asarray(arrays[k], np.float64) for k in ("lr_mean", "lr_scale", "lr_coef", "lr_intercept")}
+        self.lr_ = load_pipeline_arrays(arrays)

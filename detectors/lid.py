@@ -7,58 +7,54 @@ logits, both from the one forward pass), the maximum-likelihood LID estimate
 
 uses the distances r_1..r_k to its k nearest neighbours in a *reference batch of
 clean fit samples* (the paper's minibatch). A fit sample that is itself in the
-reference skips its zero self-distance. A logistic regression on the standardised
-LID vector separates clean from adversarial (supervised, as in the paper). The
+reference skips its zero self-distance (neighbours from scikit-learn's
+``NearestNeighbors``). A logistic regression on the standardised LID vector
+separates clean from adversarial (supervised, as in the paper; one scikit-learn
+pipeline, :mod:`csgguard.detectors.logistic`). The
 paper's optional "noisy" negatives are not used. Everything persists as arrays:
 the reference activations, the scaler and the regression's coefficients.
 """
 
 from __future__ import annotations
 
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
+from sklearn.utils._param_validation import Interval
 
 from ..features import Features
 from .base import Detector
+from .logistic import fit_logistic_pipeline, load_pipeline_arrays, logistic_decision
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0, seed: int = 0) -> dict[str, np.ndarray]:
-    """Standardise, fit a scikit-learn logistic regression, return its arrays (no estimator object)."""
-    from sklearn.linear_model import LogisticRegression
+def lid_mle(query: np.ndarray | None, reference: np.ndarray, k: int) -> np.ndarray:
+    """MLE of the LID of each ``query`` row w.r.t. its ``k`` nearest ``reference`` rows.
 
-    mean = x.mean(0)
-    scale = x.std(0)
-    scale[scale < 1e-12] = 1.0
-    lr = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit((x - mean) / scale, y)
-    return {"lr_mean": mean, "lr_scale": scale, "lr_coef": lr.coef_[0].astype(np.float64),
-            "lr_intercept": lr.intercept_.astype(np.float64)}
+    ``query=None`` scores the reference rows themselves, each without its own point
+    (scikit-learn's ``kneighbors(None)`` leaves it out).
+    """
+    from sklearn.neighbors import NearestNeighbors
 
-
-def logistic_decision(arrays: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    """The regression's log-odds of "adversarial" (what scikit-learn's decision_function returns)."""
-    z = (x - arrays["lr_mean"]) / arrays["lr_scale"]
-    return z @ arrays["lr_coef"] + arrays["lr_intercept"][0]
-
-
-def lid_mle(query: np.ndarray, reference: np.ndarray, k: int, skip_self: bool = False) -> np.ndarray:
-    """MLE of the LID of each ``query`` row w.r.t. ``reference`` (k nearest neighbours)."""
-    q = np.asarray(query, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)
-    d2 = (q * q).sum(1)[:, None] + (r * r).sum(1)[None, :] - 2.0 * q @ r.T
-    d = np.sqrt(np.maximum(d2, 0.0))
-    start = 1 if skip_self else 0
-    kk = min(k, r.shape[0] - start)
-    nn = np.sort(d, axis=1)[:, start:start + kk]
-    nn = np.maximum(nn, 1e-12)
-    ratios = np.log(nn / nn[:, -1:])
-    mean = ratios.mean(1)
+    kk = min(k, r.shape[0] - (1 if query is None else 0))
+    nn = NearestNeighbors(n_neighbors=kk).fit(r)
+    dist, _ = nn.kneighbors(None if query is None else np.asarray(query, dtype=np.float64))
+    dist = np.maximum(dist, 1e-12)
+    mean = np.log(dist / dist[:, -1:]).mean(1)
     return -1.0 / np.minimum(mean, -1e-12)
 
 
 class LIDDetector(Detector):
     name = "lid"
     supervised = True
+    _parameter_constraints = {
+        **Detector._parameter_constraints,
+        "k": [Interval(Integral, 1, None, closed="left")],
+        "max_reference": [Interval(Integral, 2, None, closed="left")],
+        "c": [Interval(Real, 0, None, closed="neither")],
+        "seed": [Interval(Integral, 0, None, closed="left")],
+    }
 
     def __init__(self, *, fpr: float = 0.05, k: int = 20, max_reference: int = 1000, c: float = 1.0,
                  seed: int = 0) -> None:
@@ -71,9 +67,11 @@ class LIDDetector(Detector):
     def _layers(self, features: Features) -> list[np.ndarray]:
         return [np.asarray(features.pooled, np.float64), np.asarray(features.logits, np.float64)]
 
-    def _lids(self, features: Features, skip_self: bool = False) -> np.ndarray:
+    def _lids(self, features: Features | None) -> np.ndarray:
+        """LID per layer of ``features``; None: of the reference rows themselves (each without itself)."""
         refs = [self.ref_pooled_, self.ref_logits_]
-        return np.stack([lid_mle(q, r, self.k, skip_self) for q, r in zip(self._layers(features), refs, strict=True)], 1)
+        queries = [None, None] if features is None else self._layers(features)
+        return np.stack([lid_mle(q, r, self.k) for q, r in zip(queries, refs, strict=True)], 1)
 
     def _fit(self, clean: Features, adversarial: Features | None, *, inputs=None, adversarial_inputs=None) -> None:
         rng = np.random.default_rng(self.seed)
@@ -85,13 +83,13 @@ class LIDDetector(Detector):
         in_ref[ref] = True
         lid_clean = np.zeros((n, 2))
         if in_ref.any():
-            lid_clean[in_ref] = self._lids(clean.subset(np.flatnonzero(in_ref)), skip_self=True)
+            lid_clean[in_ref] = self._lids(None)  # the reference rows, in the same (sorted) order
         if (~in_ref).any():
             lid_clean[~in_ref] = self._lids(clean.subset(np.flatnonzero(~in_ref)))
         lid_adv = self._lids(adversarial)
         x = np.concatenate([lid_clean, lid_adv])
         y = np.r_[np.zeros(len(lid_clean)), np.ones(len(lid_adv))]
-        self.lr_ = fit_logistic(x, y, self.c, self.seed)
+        self.lr_ = fit_logistic_pipeline(x, y, C=self.c, seed=self.seed)
 
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:
         return logistic_decision(self.lr_, self._lids(features))
@@ -102,4 +100,4 @@ class LIDDetector(Detector):
     def _load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         self.ref_pooled_ = np.asarray(arrays["ref_pooled"], np.float64)
         self.ref_logits_ = np.asarray(arrays["ref_logits"], np.float64)
-        self.lr_ = {k: np.asarray(arrays[k], np.float64) for k in ("lr_mean", "lr_scale", "lr_coef", "lr_intercept")}
+        self.lr_ = load_pipeline_arrays(arrays)

@@ -1,7 +1,10 @@
 """Mahalanobis baseline (Lee et al., NeurIPS 2018), on the pooled gated-layer activations.
 
 Class-conditional Gaussians with one tied covariance are fitted to clean fit
-features (class = the model's prediction, so no labels are needed). The
+features (class = the model's prediction, so no labels are needed). The tied
+covariance of the class-centred features is shrunk towards a scaled identity by
+scikit-learn: Ledoit-Wolf's estimated shrinkage by default (``shrinkage=None``), or
+a fixed ``shrinkage`` in [0, 1] (``ShrunkCovariance``). The
 confidence score of the paper is ``M(x) = max_c -(f - mu_c)^T S^-1 (f - mu_c)``;
 as an "adversarial" score we return ``-M(x)``: the Mahalanobis distance to the
 closest class mean (``mode="min"``, the paper's), or to the predicted class's
@@ -17,38 +20,43 @@ exposes one feature layer (the gated layer), so the score is unsupervised.
 
 from __future__ import annotations
 
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval, StrOptions
 
-from ..errors import CsgguardError
 from ..features import Features
 from .base import Detector
+
+
+class _NoiseNeedsInputs:
+    """``needs_inputs``: False on the class (no extra passes by default), ``noise > 0`` on an instance."""
+
+    def __get__(self, obj, owner=None) -> bool:
+        return False if obj is None else bool(obj.noise > 0)
 
 
 class MahalanobisDetector(Detector):
     name = "mahalanobis"
     supervised = False
+    needs_inputs = _NoiseNeedsInputs()  # extra passes only with input pre-processing
+    _parameter_constraints = {
+        **Detector._parameter_constraints,
+        "mode": [StrOptions({"min", "pred"})],
+        "noise": [Interval(Real, 0, None, closed="left")],
+        "shrinkage": [None, Interval(Real, 0, 1, closed="both")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+    }
 
     def __init__(self, *, fpr: float = 0.05, mode: str = "min", noise: float = 0.0,
-                 shrinkage: float = 1e-3, batch_size: int = 256) -> None:
+                 shrinkage: float | None = None, batch_size: int = 256) -> None:
         super().__init__(fpr=fpr)
-        if mode not in ("min", "pred"):
-            raise CsgguardError(f"mahalanobis mode {mode!r}: choose 'min' or 'pred'")
-        if noise < 0:
-            raise CsgguardError(f"mahalanobis noise must be >= 0, got {noise}")
         self.mode = mode
         self.noise = noise
         self.shrinkage = shrinkage
         self.batch_size = batch_size
-        self.needs_inputs = noise > 0  # instance-level: extra passes only with pre-processing
-        self._model = None
-
-    def bind_model(self, model: torch.nn.Module) -> MahalanobisDetector:
-        """The model the pre-processing step differentiates through (``noise > 0`` only)."""
-        self._model = model
-        return self
 
     # -- fit ----------------------------------------------------------------
     def _fit(self, clean: Features, adversarial, *, inputs=None, adversarial_inputs=None) -> None:
@@ -64,11 +72,14 @@ class MahalanobisDetector(Detector):
                 centred.append(fj - means[j])
             else:  # a class never predicted on fit data: its mean never wins
                 means[j] = np.inf
+        from sklearn.covariance import LedoitWolf, ShrunkCovariance
+
         centred = np.concatenate(centred)
-        cov = centred.T @ centred / max(len(centred), 1)
-        cov += self.shrinkage * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+        est = LedoitWolf(assume_centered=True) if self.shrinkage is None else \
+            ShrunkCovariance(shrinkage=self.shrinkage, assume_centered=True)
+        est.fit(centred)
         self.means_ = means
-        self.precision_ = np.linalg.inv(cov)
+        self.precision_ = est.precision_
 
     # -- score --------------------------------------------------------------
     def _distances(self, f: np.ndarray) -> np.ndarray:
@@ -101,9 +112,7 @@ class MahalanobisDetector(Detector):
         return dist.min(1).values
 
     def _preprocessed_pooled(self, features: Features, inputs) -> np.ndarray:
-        if inputs is None or self._model is None:
-            raise CsgguardError("mahalanobis with noise > 0 needs the model (bind_model) and the input images")
-        model = self._model
+        model = self._bound_model(inputs, "mahalanobis with noise > 0")
         device = next(model.parameters()).device
         x_all = torch.as_tensor(inputs)
         out = []

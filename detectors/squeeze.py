@@ -10,11 +10,13 @@ the model and the [0, 1] inputs: one extra forward pass per squeezer.
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.utils._param_validation import Interval
 
 from ..errors import CsgguardError
 from ..features import Features
@@ -42,18 +44,19 @@ class FeatureSqueezingDetector(Detector):
     name = "feature-squeezing"
     supervised = False
     needs_inputs = True
+    _parameter_constraints = {
+        **Detector._parameter_constraints,
+        "bits": [None, Interval(Integral, 1, 8, closed="both")],
+        "median": ["array-like"],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+    }
 
     def __init__(self, *, fpr: float = 0.05, bits: int | None = None, median: tuple[int, ...] = (2, 3),
                  batch_size: int = 256) -> None:
         super().__init__(fpr=fpr)
         self.bits = bits
-        self.median = tuple(median)
+        self.median = median
         self.batch_size = batch_size
-        self._model = None
-
-    def bind_model(self, model: torch.nn.Module) -> FeatureSqueezingDetector:
-        self._model = model
-        return self
 
     def squeezers(self, channels: int) -> list[tuple[str, Any]]:
         bits = self.bits if self.bits is not None else (1 if channels == 1 else 5)
@@ -62,13 +65,13 @@ class FeatureSqueezingDetector(Detector):
         return out
 
     def _fit(self, clean: Features, adversarial, *, inputs=None, adversarial_inputs=None) -> None:
+        if any(isinstance(k, bool) or not isinstance(k, Integral) or k < 2 for k in self.median):
+            raise CsgguardError(f"feature-squeezing median sizes must be integers >= 2, got {self.median!r}")
         self.num_classes_ = clean.num_classes  # nothing to learn
 
     @torch.no_grad()
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:
-        if inputs is None or self._model is None:
-            raise CsgguardError("feature-squeezing needs the model (bind_model) and the input images")
-        model = self._model
+        model = self._bound_model(inputs, "feature-squeezing")
         device = next(model.parameters()).device
         x_all = torch.as_tensor(inputs)
         squeezers = self.squeezers(int(x_all.shape[1]))

@@ -11,6 +11,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from csgguard.detectors import build_detector, detector_class
+from csgguard.errors import CsgguardError
 from csgguard.features import Features
 from csgguard.metrics import auroc
 
@@ -61,7 +62,7 @@ def test_supervised_baselines_need_adversarial():
     rng = np.random.default_rng(1)
     for name in ("lid", "kd-bu"):
         assert detector_class(name).supervised
-        with pytest.raises(Exception, match="supervised"):
+        with pytest.raises(CsgguardError, match="is supervised: it needs adversarial examples"):
             build_detector(name).fit(_features(50, rng))
 
 
@@ -114,7 +115,7 @@ def test_feature_squeezing_needs_model_and_roundtrip(digits_model):
     det = build_detector("feature-squeezing")
     assert det.needs_inputs
     det.fit(feats.subset(np.arange(40)))
-    with pytest.raises(Exception, match="needs the model"):
+    with pytest.raises(CsgguardError, match="feature-squeezing needs the model"):
         det.score_samples(feats)
     det.bind_model(model).calibrate(feats.subset(np.arange(40, 120)), inputs=x[40:120])
     s = det.score_samples(feats, inputs=x)
@@ -137,5 +138,88 @@ def test_mahalanobis_preprocessing_uses_inputs(digits_model):
     s_plain, s_pre = plain.score_samples(feats), pre.score_samples(feats, inputs=x)
     assert not np.allclose(s_plain, s_pre)
     assert s_pre.mean() < s_plain.mean()  # the step moves inputs towards their closest class
-    with pytest.raises(Exception, match="needs the model"):
+    with pytest.raises(CsgguardError, match="noise > 0 needs the model"):
         build_detector("mahalanobis", noise=0.01).fit(feats).score_samples(feats)
+
+
+BASELINES = ["mahalanobis", "lid", "kd-bu", "feature-squeezing"]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baselines_are_scikit_learn_estimators(name):
+    from sklearn.base import BaseEstimator, clone
+
+    det = build_detector(name, fpr=0.1)
+    assert isinstance(det, BaseEstimator)
+    params = det.get_params(deep=True)
+    assert params == det.get_params(deep=False) and params["fpr"] == 0.1
+    copy = clone(det)  # refuses estimators whose __init__ alters its parameters
+    assert copy is not det and copy.get_params() == params
+    assert copy.set_params(fpr=0.2) is copy and copy.fpr == 0.2 and det.fpr == 0.1
+
+
+@pytest.mark.parametrize("name, bad", [("mahalanobis", {"mode": "max"}), ("mahalanobis", {"noise": -1.0}),
+                                       ("mahalanobis", {"shrinkage": 2.0}), ("lid", {"k": 0}),
+                                       ("kd-bu", {"dropout": 1.0}), ("kd-bu", {"passes": 0}),
+                                       ("feature-squeezing", {"bits": 0}), ("lid", {"fpr": 1.5})])
+def test_parameters_are_stored_untouched_and_validated_in_fit(name, bad):
+    rng = np.random.default_rng(4)
+    det = build_detector(name, **bad)  # __init__ only stores
+    key, value = next(iter(bad.items()))
+    assert getattr(det, key) == value
+    with pytest.raises(CsgguardError, match=f"{key}"):
+        det.fit(_features(60, rng), _features(40, rng, adversarial=True))
+
+
+def test_threshold_is_the_only_cut_no_offset():
+    """Scores are higher = more adversarial, so scikit-learn's offset_ (higher = normal) is not set."""
+    rng = np.random.default_rng(5)
+    det = build_detector("mahalanobis").fit(_features(200, rng)).calibrate(_features(200, rng))
+    assert hasattr(det, "threshold_") and not hasattr(det, "offset_")
+    f = _features(50, rng)
+    np.testing.assert_allclose(det.decision_function(f), det.score_samples(f) - det.threshold_)
+    assert not hasattr(_roundtrip(det), "offset_")
+
+
+def test_lid_neighbours_match_a_brute_force_search():
+    from csgguard.detectors.lid import lid_mle
+
+    rng = np.random.default_rng(6)
+    ref, q, k = rng.normal(size=(300, 5)), rng.normal(size=(40, 5)), 10
+
+    def brute(d):
+        d = np.maximum(d, 1e-12)
+        return -1.0 / np.log(d / d[:, -1:]).mean(1)
+
+    d = np.sqrt(((q[:, None] - ref[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(lid_mle(q, ref, k), brute(np.sort(d, 1)[:, :k]), rtol=1e-9)
+    d_self = np.sqrt(((ref[:, None] - ref[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(lid_mle(None, ref, k), brute(np.sort(d_self, 1)[:, 1:k + 1]), rtol=1e-9)
+
+
+def test_logistic_pipeline_exports_arrays_that_score_like_the_pipeline():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from csgguard.detectors.logistic import fit_logistic_pipeline, logistic_decision
+
+    rng = np.random.default_rng(7)
+    x = np.c_[rng.normal(size=(200, 3)) * [1, 10, 0.1], np.ones(200)]  # a constant column too
+    y = (x[:, 0] + 0.1 * x[:, 1] + rng.normal(size=200) > 0).astype(int)
+    arrays = fit_logistic_pipeline(x, y, C=0.5, seed=0)
+    assert all(isinstance(v, np.ndarray) for v in arrays.values())
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000, random_state=0)).fit(x, y)
+    np.testing.assert_allclose(logistic_decision(arrays, x), ref.decision_function(x), rtol=1e-10)
+
+
+def test_mahalanobis_covariance_is_ledoit_wolf():
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(8)
+    f = _features(300, rng)
+    det = build_detector("mahalanobis").fit(f)
+    pooled, pred = np.asarray(f.pooled, np.float64), f.pred
+    centred = np.concatenate([pooled[pred == c] - pooled[pred == c].mean(0) for c in np.unique(pred)])
+    np.testing.assert_allclose(det.precision_, LedoitWolf(assume_centered=True).fit(centred).precision_,
+                               rtol=1e-8)

@@ -52,12 +52,28 @@ def test_bad_input_is_one_clear_line(runner, args, needle, monkeypatch):
     assert needle in line
 
 
-def test_failed_train_overwrites_nothing(runner, digits_csg_run, tmp_path):
+def test_failed_train_overwrites_nothing(runner, digits_csg_run, tmp_path, monkeypatch):
+    """Training into an existing run that fails part-way (after checkpoints were written) leaves its files."""
+    import importlib
+
+    trainer = importlib.import_module("csgguard.train").Trainer  # the module; csgguard.train is the function
+    original, epochs_run = trainer.run_epoch, []
+
+    def failing(self, epoch, *a, **k):
+        epochs_run.append(epoch)
+        if epoch == 3:
+            raise RuntimeError("simulated failure in epoch 3")
+        return original(self, epoch, *a, **k)
+
+    monkeypatch.setattr(trainer, "run_epoch", failing)
     run = tmp_path / "run"
     shutil.copytree(digits_csg_run, run)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    _one_line_error(runner.invoke(main, ["train", "--data", "nope", "--out", str(run)]))
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    result = runner.invoke(main, ["train", "--epochs", "4", "--width", "16", "--out", str(run)])
+    assert result.exit_code == 3 and "simulated failure" in result.output and "Traceback" not in result.output
+    assert len(epochs_run) >= 3 and epochs_run[-1] == 3  # it failed late (checkpoints written), not at the start
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert (run / "checkpoint.safetensors").is_file()  # what it did write is the resumable checkpoint
 
 
 def test_inspect_refuses_tampered_weights(runner, digits_csg_run, tmp_path):

@@ -18,9 +18,9 @@ from csgguard import (
 )
 from csgguard.detectors import NotFittedError, build_detector
 from csgguard.detectors.gate import GateCleanDetector, GateSupervisedDetector, pseudo_gate
-from csgguard.scores import COMBINERS
 from csgguard.detectors.store import detector_paths, load_detector, save_detector
 from csgguard.metrics import auroc
+from csgguard.scores import COMBINERS
 
 
 def _clean(model, split):

@@ -1,4 +1,4 @@
-"""The evaluation protocol (method.md section 4): splits, fixed thresholds, counts, report, CLI errors."""
+"""The evaluation protocol (docs/method.md section 4): splits, fixed thresholds, counts, report, CLI errors."""
 
 from __future__ import annotations
 

@@ -88,3 +88,12 @@ def test_backbones_by_name(arch, size, ch, k):
 def test_unknown_architecture():
     with pytest.raises(CsgguardError, match="unknown architecture 'vgg99'"):
         _net(arch="vgg99")
+
+
+@pytest.mark.parametrize("arch, k", [("resnet18", 512), ("resnet50", 2048)])
+def test_fixed_width_backbones_reject_another_width(arch, k):
+    from csgguard.models.backbones import build_backbone
+
+    with pytest.raises(CsgguardError, match="fixed width"):
+        build_backbone(arch, in_channels=3, input_size=32, width=64)
+    assert build_backbone(arch, in_channels=3, input_size=32, width=k).out_channels == k

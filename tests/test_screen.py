@@ -150,6 +150,8 @@ def test_shards_concatenate_to_one_run(fitted_run, image_dirs):
 
 def test_exit_codes(fitted_run, image_dirs, tmp_path, digits_std_run):
     adv = image_dirs / "pgd"
+    table = _cli("screen", adv, "--run", fitted_run)  # the default table format
+    assert table.exit_code == 0 and "score" in table.stdout, table.output
     assert _cli("screen", adv, "--run", fitted_run, "--format", "csv").exit_code == 0
     assert _cli("screen", adv, "--run", fitted_run, "--format", "csv", "--fail-on-flag").exit_code == 1
     high = _cli("screen", adv, "--run", fitted_run, "--fail-on-flag", "--threshold", "1e12", "--format", "json")

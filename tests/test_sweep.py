@@ -217,7 +217,7 @@ def test_benchmark_tables(swept):
 def test_benchmark_smoke_run(digits_csg_run, tmp_path):
     """The script end to end with a small --limit, a detector variant and --json."""
     out = tmp_path / "rows.json"
-    params = json.dumps({"csg-maha": {"detector": "csg-clean", "score": "mahalanobis"}})
+    params = json.dumps({"csg-maha": {"detector": "csg-clean", "components": "pattern"}})
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "detection_sweep.py"), "--run", str(digits_csg_run),
                           "--limit", "240", "--attacks", "fgsm", "--eps", "0.1,0.3", "--detectors", "csg-clean,csg-maha",
                           "--detector-params", params, "--no-adaptive", "--device", "cpu", "--json", str(out)],

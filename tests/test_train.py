@@ -61,26 +61,31 @@ def test_seeded_runs_are_reproducible(tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+def _interrupted_run(monkeypatch, cfg: dict, out, at_epoch: int) -> None:
+    """Train ``cfg`` into ``out`` and press Ctrl-C when ``at_epoch`` starts (a checkpoint is left)."""
+    original = Trainer.run_epoch
+
+    def interrupting(self, epoch, *a, **k):
+        if epoch == at_epoch:
+            raise KeyboardInterrupt
+        return original(self, epoch, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "run_epoch", interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(**cfg), out, progress=False)
+
+
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     cfg = dict(data="digits", epochs=5, seed=1)
     full = train(TrainConfig(**cfg), tmp_path / "full", progress=False)
 
-    original = Trainer.run_epoch
-
-    def interrupting(self, epoch, *a, **k):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return original(self, epoch, *a, **k)
-
-    monkeypatch.setattr(Trainer, "run_epoch", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**cfg), tmp_path / "part", progress=False)
+    _interrupted_run(monkeypatch, cfg, tmp_path / "part", 3)
     assert not (tmp_path / "part" / "model.json").exists()  # no half-finished model
     # issue 11 item 10: the checkpoint is one file (no pair a kill can split); a kill mid-write leaves a .tmp
     assert sorted(p.name for p in (tmp_path / "part").iterdir()) == ["checkpoint.safetensors"]
     stale = tmp_path / "part" / ".checkpoint.safetensors.k1ll3d.tmp"
     stale.write_bytes(b"half a checkpoint")
-    monkeypatch.setattr(Trainer, "run_epoch", original)
     resumed = train(TrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)
     assert len(resumed.history) == 5
     assert resumed.summary["test_accuracy"] == full.summary["test_accuracy"]
@@ -90,9 +95,18 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     assert not (tmp_path / "part" / "checkpoint.safetensors").exists() and not stale.exists()
 
 
-def test_resume_with_other_settings_or_nothing_to_resume(tmp_path):
+def test_resume_with_other_settings_or_nothing_to_resume(tmp_path, monkeypatch):
     with pytest.raises(CsgguardError, match="nothing to resume"):
         train(TrainConfig(data="digits", epochs=2), tmp_path / "none", resume=True, progress=False)
+    # a real checkpoint (interrupted in epoch 2), then --resume with another setting
+    cfg = dict(data="digits", epochs=3, seed=0, width=16)
+    _interrupted_run(monkeypatch, cfg, tmp_path / "part", 2)
+    assert (tmp_path / "part" / "checkpoint.safetensors").is_file()
+    for other in ({"lr": 1e-2}, {"seed": 1}, {"epochs": 4}):
+        with pytest.raises(CsgguardError, match="different settings"):
+            train(TrainConfig(**{**cfg, **other}), tmp_path / "part", resume=True, progress=False)
+    assert (tmp_path / "part" / "checkpoint.safetensors").is_file()  # the refused resume kept the checkpoint
+    train(TrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)  # the same settings resume
 
 
 def test_bad_config_values():

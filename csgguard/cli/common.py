@@ -23,7 +23,6 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..artifacts import to_jsonable
 from ..errors import CsgguardError
 from ..safetext import csv_cell, rich_safe, visible_all
 from ..sweep import parse_budget_list, parse_fraction  # noqa: F401 (re-exported for the commands)
@@ -138,6 +137,8 @@ def emit_rows(rows: Iterable[dict[str, Any]], columns: Sequence[str], fmt: str, 
 
 def json_text(obj: Any, indent: int | None = None) -> str:
     """JSON for stdout: every string made visible (:func:`csgguard.safetext.visible`), ASCII only."""
+    from ..artifacts import to_jsonable
+
     return json.dumps(visible_all(to_jsonable(obj)), indent=indent)
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from ..errors import CsgguardError
-from ..evaluate import DEFAULT_ATTACKS, DEFAULT_DETECTORS, DEFAULT_SUPERVISED_ON, evaluate
 from ..progress import log
-from ..report import SUMMARY_COLUMNS, summary_rows
 from . import main
 from .common import (
     NON_NEGATIVE_INT,
@@ -21,6 +21,12 @@ from .common import (
     progress_option,
     run_option,
 )
+
+# = csgguard.evaluate.DEFAULT_ATTACKS / DEFAULT_DETECTORS / DEFAULT_SUPERVISED_ON, kept here so --help does
+# not import torch (tests/test_structure.py checks they agree)
+DEFAULT_ATTACKS = ("fgsm", "pgd", "bim", "pgd-l2", "cw", "deepfool")
+DEFAULT_DETECTORS = ("csg-clean", "csg-supervised", "mahalanobis", "lid", "kd-bu", "feature-squeezing")
+DEFAULT_SUPERVISED_ON = ("fgsm", "pgd")
 
 
 def _names(value: str, what: str) -> tuple[str, ...]:
@@ -79,6 +85,8 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
     from pathlib import Path
 
     from ..artifacts import check_output_dir, folder_lock
+    from ..evaluate import evaluate
+    from ..report import SUMMARY_COLUMNS, summary_rows
 
     # every value is checked before anything is loaded: a bad request costs nothing
     attack_names, detector_names = _names(attacks, "attacks"), _names(detectors, "detectors")
@@ -88,11 +96,18 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
     eps_list, l2_list = parse_budget_list(eps, "--eps"), parse_budget_list(l2_eps, "--l2-eps")
     out_dir = Path(out) if out is not None else Path(run_dir) / "evaluation"
     check_output_dir(out_dir, "--out")
-    with folder_lock(out_dir, "evaluate"):
-        report = evaluate(run_dir, compare_run=compare_run, attacks=attack_names, detectors=detector_names,
-                          fpr=fpr_value, limit=limit, seed=seed, device=device,
-                          supervised_on=_names(supervised_on, "supervised-on"), adaptive=adaptive, out=out,
-                          eps=eps_list, l2_eps=l2_list, data_root=data_root, progress=progress)
+    created = not out_dir.exists()
+    try:
+        with folder_lock(out_dir, "evaluate"):
+            report = evaluate(run_dir, compare_run=compare_run, attacks=attack_names, detectors=detector_names,
+                              fpr=fpr_value, limit=limit, seed=seed, device=device,
+                              supervised_on=_names(supervised_on, "supervised-on"), adaptive=adaptive, out=out,
+                              eps=eps_list, l2_eps=l2_list, data_root=data_root, progress=progress)
+    except BaseException:
+        if created:  # a refused request (unknown name, too few images, other classes) leaves no empty folder
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only succeeds while empty
+        raise
     log(f"report: {report['out']}/report.md")
     for e in report["errors"]:
         log(f"note: {e}")

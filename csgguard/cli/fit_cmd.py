@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from ..errors import CsgguardError
-from ..fitting import fit_detector
 from ..progress import log
 from . import main
 from .common import (
@@ -41,7 +40,7 @@ from .common import (
               help="Target false-positive rate; the threshold is set on the clean val split.")
 @click.option("--limit", type=POSITIVE_INT, default=None, help="Use only the first N train images (faster fits).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Detector parameter, e.g. --param score=combined (JSON values allowed); repeatable.")
+              help="Detector parameter, e.g. --param combine=sum (JSON values allowed); repeatable.")
 @click.option("--data-root", type=click.Path(), default=None,
               help="Dataset root, when the run was trained on mnist/cifar10.")
 @click.option("--out", type=click.Path(), default=None,
@@ -66,7 +65,7 @@ def fit_command(run_dir, detector, attacks, eps, l2_eps, fpr, limit, params, dat
       csgguard fit                                          # csg-clean into runs/default
       csgguard fit --detector csg-supervised --attacks fgsm --eps 0.1
       csgguard fit --detector csg-supervised --attacks fgsm,pgd,pgd-l2 --eps 0.05,0.1,0.2 --l2-eps 1
-      csgguard fit --run runs/std --param score=combined --out runs/std/combined.json
+      csgguard fit --run runs/std --param combine=sum --out runs/std/sum.json
     """
     from ..artifacts import check_output_dir, check_output_file, folder_lock
 
@@ -107,7 +106,7 @@ def _parse_params(detector: str, params) -> dict:
         except ValueError as exc:
             raise CsgguardError(f"--param {item}: {exc}") from None
     try:
-        cls(**parsed)
+        cls(**parsed).validate_params()  # __init__ only stores (scikit-learn contract): check here, before any work
     except CsgguardError:
         raise
     except (TypeError, ValueError) as exc:
@@ -117,6 +116,8 @@ def _parse_params(detector: str, params) -> dict:
 
 def _fit(run_dir, detector, attacks, eps_list, l2_list, fpr, limit, parsed, data_root, out, batch_size, seed, device,
          fmt, progress):
+    from ..fitting import fit_detector
+
     result = fit_detector(run_dir, detector=detector, attacks=attacks.split(","),
                           eps=eps_list, l2_eps=l2_list, fpr=fpr, limit=limit,
                           params=parsed, device=device, data_root=data_root, out=out, batch_size=batch_size,

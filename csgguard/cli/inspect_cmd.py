@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..inspect import inspect_run
 from ..progress import log
 from . import main
 from .common import emit_mapping, emit_rows, format_option, run_option
@@ -29,6 +28,7 @@ def inspect_command(run_dir, data_root, split, heatmap, fmt):
     are listed by the class whose mean activation is highest.
     """
     from ..artifacts import check_output_file
+    from ..inspect import inspect_run
 
     if heatmap:
         check_output_file(heatmap, "--heatmap")

@@ -7,9 +7,7 @@ import sys
 
 import click
 
-from ..images import parse_shard
 from ..progress import log
-from ..screening import ROW_FIELDS, screen
 from . import main
 from .common import (
     EXIT_FLAGGED,
@@ -28,6 +26,8 @@ from .common import (
 
 def _stream(rows, fmt: str) -> None:
     """jsonl / csv rows are written as they come: constant memory for any folder size."""
+    from ..screening import ROW_FIELDS
+
     if fmt == "csv":
         click.echo(csv_header(ROW_FIELDS), nl=False)
     for r in rows:
@@ -89,6 +89,9 @@ def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, fol
 
     Exit status: 0 ran; 1 with --fail-on-flag and something flagged; 2 usage error.
     """
+    from ..images import parse_shard
+    from ..screening import ROW_FIELDS, screen
+
     screener, rows = screen(paths, run_dir, detector=detector_path, threshold=threshold, recursive=recursive,
                             follow_symlinks=follow_symlinks, batch_size=batch_size, workers=workers,
                             shard=parse_shard(shard), device=device, progress=progress)

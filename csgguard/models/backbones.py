@@ -168,15 +168,23 @@ class _TorchvisionTrunk(nn.Module):
         return x, taps
 
 
+def _fixed_width(arch: str, width: int | None, k: int) -> int:
+    """torchvision trunks have a fixed K: a different ``width`` is an error, never silently ignored."""
+    if width is not None and width != k:
+        raise CsgguardError(f"{arch} has a fixed width of {k} filters in its last stage; "
+                            f"drop --width {width} (or pick small_cnn/resnet20/resnet32, whose width is free)")
+    return k
+
+
 @register("resnet18")
 def resnet18(*, in_channels: int, input_size: int, width: int | None = None) -> nn.Module:
     from torchvision.models import resnet18 as tv
 
-    return _TorchvisionTrunk(tv(weights=None), in_channels, 512)
+    return _TorchvisionTrunk(tv(weights=None), in_channels, _fixed_width("resnet18", width, 512))
 
 
 @register("resnet50")
 def resnet50(*, in_channels: int, input_size: int, width: int | None = None) -> nn.Module:
     from torchvision.models import resnet50 as tv
 
-    return _TorchvisionTrunk(tv(weights=None), in_channels, 2048)
+    return _TorchvisionTrunk(tv(weights=None), in_channels, _fixed_width("resnet50", width, 2048))
