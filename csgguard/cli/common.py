@@ -85,9 +85,17 @@ class CsgguardGroup(click.Group):
                  EXIT_INTERNAL)
 
 
+def _resolve_run(ctx, param, value):
+    from ..shipped import resolve_run  # torch-free
+
+    return None if value is None else str(resolve_run(value))
+
+
 def run_option(f):
     return click.option("--run", "run_dir", type=click.Path(file_okay=False), default="runs/default",
-                        show_default=True, help="Run directory holding model.json / model.safetensors.")(f)
+                        show_default=True, callback=_resolve_run,
+                        help="Run directory holding model.json / model.safetensors, or the name of a shipped "
+                             "run: cifar10-resnet20-csg, cifar10-resnet20-std (pretrained/NAME also works).")(f)
 
 
 def device_option(f):

@@ -36,6 +36,7 @@ from ..artifacts import (
     write_json,
 )
 from ..errors import ArtifactError, CsgguardError
+from ..shipped import resolve_run
 from .csg import CSGNet, ModelConfig
 
 MODEL_FORMAT = "csgguard.model"
@@ -200,8 +201,10 @@ def _check_shapes(config: ModelConfig, tensors: dict[str, torch.Tensor], where: 
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the network named in ``model.json`` and load its hash-checked weights (see the module doc)."""
-    run_dir = Path(run_dir)
+    """Rebuild the network named in ``model.json`` and load its hash-checked weights (see the module doc).
+
+    ``run_dir`` may also name a shipped pretrained run (:func:`resolve_run`)."""
+    run_dir = resolve_run(run_dir)
     manifest = read_manifest(run_dir)  # validated
     path = run_dir / MANIFEST_FILE
     weights = manifest["weights"]
