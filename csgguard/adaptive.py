@@ -345,3 +345,71 @@ def adaptive_attack(model, x: torch.Tensor, y: torch.Tensor, detector, *, eps: f
     return AdversarialSet(x=x.numpy(), x_adv=x_adv.numpy(), y=y.numpy(), pred=pred, pred_adv=pred_adv,
                           success=success, attacked=attacked,
                           index=np.arange(len(y)) if index is None else np.asarray(index), meta=meta)
+
+
+# ----------------------------------------------------------------------------- `csgguard attack --method adaptive`
+
+def _spec_base():
+    from .attacks.base import AttackSpec
+
+    return AttackSpec
+
+
+def adaptive_spec(method: str):
+    """The attack spec for ``adaptive`` (the strongest) or ``adaptive-<form>[+<form>...]``, or None."""
+    method = str(method).lower()
+    if method != "adaptive" and not method.startswith("adaptive-"):
+        return None
+    form = "strongest" if method == "adaptive" else method[len("adaptive-"):].replace("+", ",")
+    parse_forms(form)  # unknown forms fail here, before anything is loaded
+
+    class AdaptiveSpec(_spec_base()):
+        """The adaptive attack on a run's fitted detector (``RUN/detector.json`` unless ``detector`` names
+        another), at the detector's saved threshold; ``scale`` = std of its clean scores on the inputs."""
+
+        name = method
+        norms = ("linf",)
+        needs_detector = True
+
+        def __init__(self, *, norm: str = "linf", steps: int = 40, weights: tuple[float, ...] = (0.5, 2.0, 8.0),
+                     detector: str | None = None) -> None:
+            super().__init__(norm=norm)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise CsgguardError(f"{method}: steps must be a positive integer, got {steps!r}")
+            self.steps, self.weights, self.detector = steps, tuple(float(w) for w in weights), detector
+
+        def run(self, model, x, y, *, eps=None, batch_size=256, seed=0, device=None, progress=None, index=None,
+                dataset=None, model_sha256=None):
+            from .attacks.base import _check_inputs
+            from .detectors.store import load_detector
+
+            x, y = _check_inputs(x, y)
+            eps = self.resolve_eps(eps, dataset=dataset, shape=tuple(x.shape))
+            if self.detector is None:
+                raise CsgguardError(f"{method} attacks a fitted detector: give its run folder or detector.json")
+            det = load_detector(self.detector, model_sha256=model_sha256)
+            if not hasattr(det, "threshold_"):
+                raise CsgguardError(f"{self.detector}: the detector is not calibrated (no threshold)")
+            if device is not None:
+                from .devices import select_device
+
+                model.to(select_device(device))
+            dev = next(model.parameters()).device
+            scores = det.score_samples(extract_features(model, x, batch_size=batch_size, device=dev))
+            t = time.perf_counter()
+            adv = adaptive_attack(model, x, y, det, eps=eps, threshold=float(det.threshold_),
+                                  scale=float(np.std(scores)) or 1.0, steps=self.steps, weights=self.weights,
+                                  seed=seed, batch_size=batch_size, index=index, forms=form)
+            extra = adv.meta
+            s_adv = det.score_samples(extract_features(model, torch.as_tensor(adv.x_adv), batch_size=batch_size,
+                                                       device=dev))
+            evaded = adv.success & (s_adv <= det.threshold_)
+            adv.meta = {**self._meta(adv, eps=eps, seed=seed, batch_size=batch_size, device=dev,
+                                     seconds=time.perf_counter() - t, model_sha256=model_sha256),
+                        **{k: extra[k] for k in ("forms", "best_by_form", "target_detector", "threshold")}}
+            adv.meta["settings"]["detector"] = str(self.detector)
+            adv.meta["evaded"] = int(evaded.sum())
+            adv.meta["evasion_rate"] = float(evaded.sum() / max(int(adv.attacked.sum()), 1))
+            return adv
+
+    return AdaptiveSpec
