@@ -15,8 +15,8 @@ stand-in). The attacker minimises a per-image loss; the loss forms
 ``targeted``  the same with a targeted margin ``relu(max_{j!=t} z_j - z_t + kappa)``, once for
               each of the ``top_k`` most likely wrong classes ``t`` of the clean input
               (multi-targeted, Gowal et al. 2019).
-``feature``   targeted margin + ``w *`` the standardised squared distance of the pooled
-              activations and the taps to the clean means of class ``t`` (feature
+``feature``   targeted margin + ``w *`` the RMS z-score (hinged at 1) of the pooled
+              activations and of each tap to the clean class-``t`` statistics (feature
               matching, Sabour et al. 2016): it does not read the detector's gradient at
               all, so a detector whose gradient is flat or misleading cannot hide.
 ``fixed``     the old attack, ``relu(margin + kappa) + w * (s - threshold) / scale`` at a fixed
@@ -24,10 +24,13 @@ stand-in). The attacker minimises a per-image loss; the loss forms
 
 The shared loop (:func:`attack_loss`) carries the rest once:
 
-* **weight schedule** -- per image the weight ``w`` starts at one of ``weights`` and is
+* **weight schedule** -- per image the second term is off until the input is first
+  misclassified (find an adversarial input, then hide it: Carlini & Wagner 2017's
+  detector attacks); from then on its weight ``w`` starts at one of ``weights`` and is
   multiplied by ``weight_step`` after a step where the input is misclassified but
-  detected, divided by it where the input is not misclassified (a continuous per-image
-  binary search on the trade-off, as C&W's search on ``c``); ``fixed`` keeps it.
+  detected, divided by it where it no longer is misclassified (a continuous per-image
+  binary search on the trade-off, as C&W's search on ``c``); ``fixed`` keeps its weight
+  on from the first step.
 * **step size** -- cosine decay from ``0.25 * eps`` to ``0.01 * eps`` (large steps to
   explore, small ones to settle close to the threshold).
 * **restarts** -- one per initial weight; the first starts at the clean input, the
@@ -177,7 +180,8 @@ class FeatureMatchLoss(_TopK, AdaptiveLoss):
 
     def __call__(self, out, det, y, target, weight, ctx):
         blocks = (out.pooled, *out.taps)[:len(ctx.means)]
-        dist = sum(((b.float() - mu[target]) / sd[target]).pow(2).mean(1)
+        # per block the RMS z-score to class t's clean statistics, hinged at 1 (a clean class-t input's level)
+        dist = sum(torch.relu(((b.float() - mu[target]) / sd[target]).pow(2).mean(1).sqrt() - 1)
                    for b, mu, sd in zip(blocks, ctx.means, ctx.stds, strict=True)) / len(blocks)
         return torch.relu(self.kappa - _margin(out.logits, target)) + weight * dist
 
@@ -233,6 +237,7 @@ def attack_loss(model, x0: torch.Tensor, y: torch.Tensor, loss: AdaptiveLoss, ct
     else:
         xa = x0.clone()
     w = torch.full((len(x0),), float(weight), device=dev)
+    ever = torch.zeros(len(x0), dtype=torch.bool, device=dev)  # misclassified at some step so far
     best_x, best_s = x0.clone(), torch.full((len(x0),), float("inf"), dtype=torch.float64, device=dev)
     alphas = step_sizes(eps, steps)
     for it in range(steps + 1):
@@ -240,18 +245,20 @@ def attack_loss(model, x0: torch.Tensor, y: torch.Tensor, loss: AdaptiveLoss, ct
         with torch.enable_grad():
             out = model.forward_signals(xa)
             det = ctx.surrogate(out.logits, out.pooled, out.taps)
-            value = loss(out, det, y, target, w, ctx)
+            value = loss(out, det, y, target, torch.where(ever, w, 0.0) if loss.schedule else w, ctx)
             (grad,) = torch.autograd.grad(value.sum(), xa)
         with torch.no_grad():
             det = det.detach().double()
             fooled = out.logits.argmax(1) != y
+            ever |= fooled
             better = fooled & (det < best_s)
             best_x[better], best_s[better] = xa.detach()[better], det[better]
             if it == steps:
                 break
             if loss.schedule:
                 up = fooled & (det > ctx.threshold)
-                w = torch.where(up, w * weight_step, torch.where(fooled, w, w / weight_step)).clamp(1e-3, 1e4)
+                down = ever & ~fooled
+                w = torch.where(up, w * weight_step, torch.where(down, w / weight_step, w)).clamp(1e-3, 1e4)
             xa = xa.detach() - alphas[it] * grad.sign()
             xa = torch.min(torch.max(xa, x0 - eps), x0 + eps).clamp(0, 1)
     return best_x, best_s
