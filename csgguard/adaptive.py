@@ -72,7 +72,10 @@ def detector_surrogate(det) -> Surrogate:
     share one implementation, so the gradient is the true one."""
     if not hasattr(det, "torch_score"):
         raise CsgguardError(f"detector {det.name!r} has no differentiable score to attack")
-    return det.torch_score
+    fn = det.torch_score
+    if "taps" not in inspect.signature(fn).parameters:  # a score of (logits, pooled) only, e.g. mahalanobis
+        return lambda logits, pooled, taps=(): fn(logits, pooled)
+    return fn
 
 
 @dataclass
