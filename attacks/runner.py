@@ -30,10 +30,11 @@ def make_attack(method: str | AttackSpec, **settings: Any) -> AttackSpec:
         if any(v is not None for v in settings.values()):
             raise CsgguardError("pass settings either to the spec or to run(), not both")
         return method
-    try:
-        cls = ATTACKS[str(method).lower()]
-    except KeyError:
-        raise CsgguardError(f"unknown attack {method!r}; choose from {', '.join(ATTACKS)}") from None
+    from ..adaptive import adaptive_spec  # adaptive / adaptive-<form>: against a fitted detector
+
+    cls = ATTACKS.get(str(method).lower()) or adaptive_spec(method)
+    if cls is None:
+        raise CsgguardError(f"unknown attack {method!r}; choose from {', '.join(ATTACKS)}, adaptive[-FORM]")
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     given = {k: v for k, v in settings.items() if v is not None}
     unknown = [k for k in given if k not in accepted]
@@ -82,6 +83,9 @@ def attack_run_split(run_dir_or_loaded_model: Any, split: str = "test", method: 
     from ..runs import load_run_dataset
 
     spec = make_attack(method, norm=norm, steps=steps, **settings)
+    if getattr(spec, "needs_detector", False) and spec.detector is None:
+        spec.detector = str(run_dir_or_loaded_model if isinstance(run_dir_or_loaded_model, (str, os.PathLike))
+                            else run_dir_or_loaded_model.run_dir)  # the run's own fitted detector
     spec.resolve_eps(eps)  # range and "eps for a minimisation attack" errors, before loading anything
     if batch_size < 1:
         raise CsgguardError(f"--batch-size must be >= 1, got {batch_size}")

@@ -16,6 +16,7 @@ from .base import Detector, NotFittedError
 DETECTORS: dict[str, str] = {
     "csg-clean": "gate:GateCleanDetector",
     "csg-supervised": "gate:GateSupervisedDetector",
+    "csg-robust": "robust:GateRobustDetector",
     "mahalanobis": "mahalanobis:MahalanobisDetector",
     "lid": "lid:LIDDetector",
     "kd-bu": "kd_bu:KDBUDetector",

@@ -20,7 +20,7 @@ from .common import (
     run_option,
 )
 
-METHODS = ("fgsm", "bim", "pgd", "cw", "deepfool")
+METHODS = ("fgsm", "bim", "pgd", "cw", "deepfool", "adaptive", "adaptive-FORM")
 
 
 @main.command("attack")
@@ -61,6 +61,7 @@ def attack_command(method, eps, norm, steps, restarts, preset, run_dir, data_roo
       csgguard attack --method pgd --eps 0.1                 # digits default run
       csgguard attack --method pgd --norm l2 --eps 1.0 --restarts 3
       csgguard attack --method cw --preset fast --limit 256
+      csgguard attack --method adaptive --eps 0.1   # vs the run's fitted detector (adaptive-margin, ...)
       csgguard attack --method fgsm --eps 8/255 --run runs/cifar --save-images adv_png/
     """
     from ..artifacts import check_output_dir, check_output_file, folder_lock

@@ -1,0 +1,347 @@
+"""``csg-robust``: class-conditional gate detectors trained against attacks on themselves.
+
+Asymmetrical adversarial training (Yin, Kolouri & Rohde, ICLR 2020), on the features of
+the one forward pass that classifies the input. For every predicted class ``k`` a
+small binary detector ``D_k`` (one hidden ReLU layer) reads the standardised pooled
+gated-layer activations (the gate pattern), the taps (channel means of earlier
+layers) and the logits, and answers: is this a clean class-``k`` input, or an input of
+another class pushed into ``k``? Its training data:
+
+* clean side -- clean fit images the model predicts as ``k`` (never perturbed: the
+  asymmetry of the paper);
+* adversarial side -- fit images of other classes moved into ``k`` inside the Linf ball,
+  first by plain PGD (the non-adaptive attacks of the sweep), then, for ``rounds``
+  rounds, by the adaptive attack of :mod:`csgguard.adaptive` against the *current*
+  detector (targeted margin + hinged detector score, per-image weight schedule, best
+  iterate): each round's examples join the pool and the detector is refitted on all
+  of them, so it learns to flag what evaded its previous self.
+
+Screening reads only the :class:`~csgguard.features.Features` of the classifying pass
+(``needs_inputs`` is false): the cost is one small matrix product per predicted class.
+Fitting needs the model (``bind_model``) and the fit images (``inputs=``) to generate
+the attacks, as :func:`csgguard.evaluate.evaluate` provides. The threshold is chosen
+on clean held-out images by :meth:`Detector.calibrate`, as everywhere else; the
+detectors are saved as arrays (no pickle). The score is ``D_k``'s log-odds of
+"adversarial", in float64, differentiable (:meth:`torch_score`, which the adaptive
+attack differentiates; :meth:`score_samples` returns the very same numbers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CsgguardError
+from ..features import Features
+from .base import Detector
+
+BLOCKS = ("pooled", "taps", "logits")
+
+
+def _parse_blocks(value: str | Sequence[str]) -> tuple[str, ...]:
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    bad = [n for n in names if n not in BLOCKS]
+    if bad or not names:
+        raise CsgguardError(f"csg-robust: unknown input block {bad[0] if bad else '(none)'!r}; "
+                            f"choose from {', '.join(BLOCKS)}")
+    return tuple(b for b in BLOCKS if b in names)
+
+
+def _budgets(value, shape: tuple[int, ...]) -> tuple[float, ...]:
+    from ..attacks.defaults import default_sweep
+
+    if value is None:
+        return tuple(default_sweep("linf", None, shape))
+    vals = [float(v) for v in (value.split(",") if isinstance(value, str) else np.atleast_1d(value))]
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise CsgguardError(f"csg-robust: train_eps must be Linf budgets in (0, 1], got {value!r}")
+    return tuple(vals)
+
+
+class GateRobustDetector(Detector):
+    """Per-predicted-class detectors on the gate pattern, adversarially trained against themselves.
+
+    Parameters
+    ----------
+    inputs : comma-separated blocks of the forward pass it reads: ``pooled`` (the gated
+        layer), ``taps`` (earlier layers' channel means), ``logits``.
+    hidden : hidden units of each class's detector.
+    rounds : adaptive rounds after the plain-PGD round (0 = plain PGD only, like csg-supervised).
+    train_eps : Linf budgets the training attacks draw from (default: the dataset's sweep).
+    steps : PGD steps of the training attacks.
+    limit : at most this many fit images are attacked per round (all are used as clean).
+    epochs, lr, weight_decay : full-batch Adam on the pool, per (re)fit.
+    seed : attack starts, budgets, targets and initialisation.
+    fpr : target false-positive rate for :meth:`calibrate`.
+    """
+
+    name = "csg-robust"
+    supervised = False
+    needs_inputs = False
+    #: fitting needs the model (``bind_model``) and the fit images (``inputs=``); screening does not
+    needs_model_to_fit = True
+
+    def __init__(self, *, inputs: str = "pooled,taps,logits", hidden: int = 64, rounds: int = 3,
+                 train_eps: str | Sequence[float] | None = None, steps: int = 20, limit: int = 2000,
+                 epochs: int = 300, lr: float = 0.01, weight_decay: float = 1e-4, seed: int = 0,
+                 batch_size: int = 256, fpr: float = 0.05) -> None:
+        super().__init__(fpr=fpr)
+        self.inputs = inputs
+        self.hidden = hidden
+        self.rounds = rounds
+        self.train_eps = train_eps
+        self.steps = steps
+        self.limit = limit
+        self.epochs = epochs
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.seed = seed
+        self.batch_size = batch_size
+        self._model = None
+
+    def bind_model(self, model: torch.nn.Module) -> GateRobustDetector:
+        """The model the training attacks differentiate through (fit only; screening never uses it)."""
+        self._model = model
+        return self
+
+    # -- the score (one implementation, torch float64) -------------------------
+    def _tensors(self, device) -> dict[str, torch.Tensor]:
+        key = str(device)
+        cache = self.__dict__.setdefault("_torch", {})
+        if key not in cache:
+            cache[key] = {k: torch.as_tensor(np.asarray(getattr(self, k), dtype=np.float64), device=device)
+                          for k in ("mu_", "sd_", "w1_", "b1_", "w2_", "b2_")}
+        return cache[key]
+
+    def _vector(self, logits, pooled, taps) -> torch.Tensor:
+        parts = []
+        for b in self.blocks_:
+            if b == "pooled":
+                parts.append(pooled.double())
+            elif b == "taps":
+                if len(taps) < self.n_taps_:
+                    raise CsgguardError(f"csg-robust reads {self.n_taps_} taps but the features carry {len(taps)}")
+                parts += [t.double() for t in taps[:self.n_taps_]]
+            else:
+                parts.append(logits.double())
+        return torch.cat(parts, 1)
+
+    def torch_score(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor:
+        """The detector's log-odds of "adversarial" for the predicted class's detector; differentiable."""
+        self._check_fitted()
+        a = self._tensors(logits.device)
+        v = self._vector(logits, pooled, taps)
+        if v.shape[1] != a["mu_"].shape[0]:
+            raise CsgguardError(f"features give {v.shape[1]} inputs but the detector was fitted on "
+                                f"{a['mu_'].shape[0]} (another model?)")
+        return _heads(a, (v - a["mu_"]) / a["sd_"], logits.argmax(1))
+
+    def _score(self, features: Features, *, inputs=None) -> np.ndarray:
+        with torch.no_grad():
+            return self.torch_score(torch.from_numpy(np.asarray(features.logits, dtype=np.float64)),
+                                    torch.from_numpy(np.asarray(features.pooled, dtype=np.float64)),
+                                    [torch.from_numpy(np.asarray(t, dtype=np.float64)) for t in features.taps]
+                                    ).numpy()
+
+    # -- fit ------------------------------------------------------------------
+    def _fit(self, clean: Features, adversarial=None, *, inputs=None, adversarial_inputs=None) -> None:
+        self.blocks_ = list(_parse_blocks(self.inputs))
+        for k in ("hidden", "steps", "limit", "epochs", "batch_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise CsgguardError(f"csg-robust: {k} must be a positive integer, got {v!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            raise CsgguardError(f"csg-robust: rounds must be an integer >= 0, got {self.rounds!r}")
+        if self._model is None or inputs is None:
+            raise CsgguardError("csg-robust trains against attacks on itself: it needs the model (bind_model) and "
+                                "the fit images (inputs=); fit it through `csgguard evaluate` or the Python API")
+        x = torch.as_tensor(inputs, dtype=torch.float32)
+        if len(x) != len(clean):
+            raise CsgguardError(f"csg-robust: {len(x)} fit images for {len(clean)} feature rows")
+        if "taps" in self.blocks_ and not clean.taps:
+            raise CsgguardError("csg-robust: input block 'taps' needs features with taps")
+        self.n_taps_ = len(clean.taps) if "taps" in self.blocks_ else 0
+        self.num_classes_ = clean.num_classes
+        budgets = _budgets(self.train_eps, tuple(x.shape[1:]))
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(self.seed)
+        torch.manual_seed(self.seed)
+
+        v_clean = self._vector(*_as_torch(clean))
+        self.mu_ = v_clean.mean(0).numpy()
+        self.sd_ = np.maximum(v_clean.std(0).numpy(), 1e-6)
+        pred = torch.from_numpy(clean.pred)
+        pool_v, pool_p = [], []
+        if adversarial is not None and len(adversarial):  # attacks a caller already made (evaluate's fit split)
+            pool_v.append(self._vector(*_as_torch(adversarial)))
+            pool_p.append(torch.from_numpy(adversarial.pred))
+        attack_rows = rng.permutation(len(x))[:self.limit]
+        self.history_ = []
+        for r in range(self.rounds + 1):
+            ta = time.perf_counter()
+            v_adv, p_adv = self._attack_round(x[attack_rows], pred[attack_rows], budgets, adaptive=r > 0,
+                                              seed=self.seed + 1000 * r, rng=rng)
+            pool_v.append(v_adv)
+            pool_p.append(p_adv)
+            seconds_attack = time.perf_counter() - ta
+            evaded = None
+            if r > 0 and len(v_adv):  # the new examples against the detector they were made for
+                s_adv = self._heads_on(v_adv, p_adv)
+                evaded = float(np.mean(s_adv <= self.fit_threshold_))
+            self._train(v_clean, pred, torch.cat(pool_v), torch.cat(pool_p))
+            self.history_.append({"round": r, "adaptive": r > 0, "new_adversarial": int(len(v_adv)),
+                                  "pool": int(sum(len(p) for p in pool_p)), "evaded_previous_detector": evaded,
+                                  "attack_seconds": round(seconds_attack, 3)})
+        self.train_seconds_ = time.perf_counter() - t0
+        self.budgets_ = list(budgets)
+
+    def _attack_round(self, x: torch.Tensor, y: torch.Tensor, budgets, *, adaptive: bool, seed: int, rng):
+        """Fit images moved into other classes, at budgets drawn from ``budgets``.
+
+        Plain round: untargeted PGD on the margin alone (the sweep's attack), keeping the
+        most confidently misclassified iterate. Adaptive round: the adaptive attack on the
+        current detector (hinged margin + hinged detector score, per-image weight schedule,
+        best iterate = lowest detector score), half of the images untargeted, half pushed
+        into a random other class so every class's detector sees examples pushed into it.
+        """
+        from ..adaptive import Context, MarginDetectorLoss, MultiTargetedLoss, attack_loss
+
+        model = self._model
+        dev = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        flags = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        gen = torch.Generator().manual_seed(seed)
+        c_num = self.num_classes_
+        target = (y + torch.as_tensor(rng.integers(1, c_num, len(y)))) % c_num
+        targeted = torch.as_tensor(rng.random(len(y)) < 0.5) if adaptive else torch.zeros(len(y), dtype=torch.bool)
+        eps = torch.as_tensor(rng.choice(budgets, len(y)), dtype=torch.float32)
+        if adaptive:
+            ctx, w0 = Context(self.torch_score, self.fit_threshold_, self.fit_scale_, [], []), 1.0
+            losses = {False: MarginDetectorLoss(), True: MultiTargetedLoss()}
+        else:
+            ctx, w0 = Context(_unconfidence, float("inf"), 1.0, [], []), 0.0
+            losses = {False: MarginDetectorLoss(kappa=1e3)}
+        out_v, out_p = [], []
+        try:
+            for e in sorted(set(eps.tolist())):
+                for tg, loss in losses.items():
+                    rows = torch.nonzero((eps == e) & (targeted == tg)).flatten()
+                    for s in range(0, len(rows), self.batch_size):
+                        r = rows[s:s + self.batch_size]
+                        xb, yb = x[r].to(dev), y[r].to(dev)
+                        xa, sa = attack_loss(model, xb, yb, loss, ctx, eps=float(e), steps=self.steps, weight=w0,
+                                             target=target[r].to(dev) if tg else None, random_start=True,
+                                             generator=gen)
+                        ok = torch.isfinite(sa)
+                        if ok.any():
+                            with torch.no_grad():
+                                o = model.forward_signals(xa[ok])
+                            out_v.append(self._vector(o.logits.cpu(), o.pooled.cpu(), [t.cpu() for t in o.taps]))
+                            out_p.append(o.logits.argmax(1).cpu())
+        finally:
+            for p, f in zip(model.parameters(), flags, strict=True):
+                p.requires_grad_(f)
+            model.train(was_training)
+        if not out_v:
+            return torch.zeros((0, len(self.mu_)), dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+        return torch.cat(out_v), torch.cat(out_p)
+
+    def _heads_on(self, v: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
+        a = self._tensors("cpu")
+        with torch.no_grad():
+            return _heads(a, (v - a["mu_"]) / a["sd_"], pred).numpy()
+
+    def _train(self, v_clean, p_clean, v_adv, p_adv) -> None:
+        """Full-batch Adam on clean (0) vs pooled adversarial (1), each row through its predicted class's head,
+        classes and sides balanced."""
+        mu, sd = torch.from_numpy(self.mu_), torch.from_numpy(self.sd_)
+        u = torch.cat([(v_clean - mu) / sd, (v_adv - mu) / sd]).double()
+        p = torch.cat([p_clean, p_adv])
+        lab = torch.cat([torch.zeros(len(v_clean)), torch.ones(len(v_adv))]).double()
+        weight = torch.zeros(len(u), dtype=torch.float64)
+        for c in range(self.num_classes_):
+            for side in (0, 1):
+                m = (p == c) & (lab == side)
+                if m.any():
+                    weight[m] = 1.0 / m.sum()
+        weight /= weight.sum()
+        d, h, c_num = u.shape[1], self.hidden, self.num_classes_
+        g = torch.Generator().manual_seed(self.seed)
+        params = {"w1_": torch.randn(c_num, d, h, generator=g, dtype=torch.float64) / np.sqrt(d),
+                  "b1_": torch.zeros(c_num, h, dtype=torch.float64),
+                  "w2_": torch.randn(c_num, h, generator=g, dtype=torch.float64) / np.sqrt(h),
+                  "b2_": torch.zeros(c_num, dtype=torch.float64)}
+        for t in params.values():
+            t.requires_grad_(True)
+        opt = torch.optim.Adam(params.values(), lr=self.lr, weight_decay=self.weight_decay)
+        with torch.enable_grad():
+            for _ in range(self.epochs):
+                opt.zero_grad()
+                z = _heads(params, u, p)
+                loss = (torch.nn.functional.binary_cross_entropy_with_logits(z, lab, reduction="none") * weight).sum()
+                loss.backward()
+                opt.step()
+        for k, t in params.items():
+            setattr(self, k, t.detach().numpy().copy())
+        self._torch = {}
+        self.fitted_ = True
+        s = self._heads_on(v_clean, p_clean)
+        self.fit_threshold_ = float(np.quantile(s, 1 - self.fpr))
+        self.fit_scale_ = float(np.std(s)) or 1.0
+
+    # -- persistence ----------------------------------------------------------
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {k: np.asarray(getattr(self, k), dtype=np.float64) for k in ("mu_", "sd_", "w1_", "b1_", "w2_",
+                                                                              "b2_")}
+        return arrays, {"blocks_": self.blocks_, "n_taps_": int(self.n_taps_), "num_classes_": int(self.num_classes_),
+                        "history_": getattr(self, "history_", []), "budgets_": getattr(self, "budgets_", []),
+                        "train_seconds_": float(getattr(self, "train_seconds_", 0.0))}
+
+    def _load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        missing = [k for k in ("mu_", "sd_", "w1_", "b1_", "w2_", "b2_") if k not in arrays]
+        if missing:
+            raise CsgguardError(f"detector state lacks arrays {', '.join(missing)}")
+        self.blocks_ = list(_parse_blocks(extra.get("blocks_", [])))
+        self.n_taps_ = int(extra.get("n_taps_", 0))
+        self.num_classes_ = int(extra.get("num_classes_", 0))
+        for k in ("mu_", "sd_", "w1_", "b1_", "w2_", "b2_"):
+            setattr(self, k, np.asarray(arrays[k], dtype=np.float64))
+        d = self.mu_.shape[0]
+        c, h = self.num_classes_, self.w1_.shape[-1] if self.w1_.ndim == 3 else -1
+        shapes = {"sd_": (d,), "w1_": (c, d, h), "b1_": (c, h), "w2_": (c, h), "b2_": (c,)}
+        for k, shape in shapes.items():
+            if getattr(self, k).shape != shape:
+                raise CsgguardError(f"detector array {k} has shape {getattr(self, k).shape}, expected {shape}")
+        self.history_ = extra.get("history_", [])
+        self.budgets_ = extra.get("budgets_", [])
+        self.train_seconds_ = float(extra.get("train_seconds_", 0.0))
+        self._torch = {}
+
+
+def _heads(a: dict[str, torch.Tensor], u: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Each row through its predicted class's detector: ``w2_k . relu(W1_k^T u + b1_k) + b2_k``."""
+    out = torch.zeros(len(u), dtype=u.dtype, device=u.device)
+    for c in torch.unique(pred).tolist():
+        rows = pred == c
+        hid = torch.relu(u[rows] @ a["w1_"][c] + a["b1_"][c])
+        out = out.index_put((rows,), hid @ a["w2_"][c] + a["b2_"][c])
+    return out
+
+
+def _unconfidence(logits, pooled, taps=()) -> torch.Tensor:
+    """``-(top1 - top2)`` logit: the plain round keeps the most confidently misclassified iterate."""
+    top2 = logits.detach().double().topk(2, dim=1).values
+    return top2[:, 1] - top2[:, 0]
+
+
+def _as_torch(f: Features) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    return (torch.from_numpy(np.asarray(f.logits, dtype=np.float64)),
+            torch.from_numpy(np.asarray(f.pooled, dtype=np.float64)),
+            [torch.from_numpy(np.asarray(t, dtype=np.float64)) for t in f.taps])
