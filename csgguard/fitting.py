@@ -134,7 +134,11 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
                                                     dev, progress, data_name)
         log(f"fit: {len(adversarial)} successful adversarial train images ({', '.join(counts)})")
     det = cls(**{**(params or {}), "fpr": fpr})
-    det.fit(clean, adversarial)
+    fit_kw = {}
+    if getattr(cls, "needs_model_to_fit", False):  # csg-robust attacks itself while it trains
+        det.bind_model(loaded.model)
+        fit_kw["inputs"] = train.subset(keep).x()
+    det.fit(clean, adversarial, **fit_kw)
 
     # every clean val image, misclassified ones included: screening cannot tell them apart (the same
     # population `csgguard evaluate` calibrates on)

@@ -163,3 +163,20 @@ def test_cli_attack_adaptive_saves_a_set_against_the_run_detector(fitted_run):
     assert 0 <= adv.meta["evaded"] <= adv.meta["succeeded"] and np.abs(adv.x_adv - adv.x).max() <= 0.1 + 1e-6
     r = CliRunner().invoke(main, ["attack", "--method", "adaptive-nope", "--run", str(fitted_run)])
     assert r.exit_code != 0 and "unknown adaptive loss" in r.output
+
+
+def test_cli_fit_csg_robust_trains_against_itself(digits_csg_run, tmp_path):
+    """`csgguard fit --detector csg-robust` hands the detector the model and the fit images."""
+    from click.testing import CliRunner
+
+    from csgguard.cli import main
+    from csgguard.detectors.store import load_detector
+    from csgguard.models.store import load_model
+
+    out = tmp_path / "robust"
+    r = CliRunner().invoke(main, ["fit", "--run", str(digits_csg_run), "--detector", "csg-robust", "--limit", "200",
+                                  "--param", "rounds=1", "--param", "steps=3", "--param", "epochs=30",
+                                  "--out", str(out), "--format", "json", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    det = load_detector(out, model_sha256=load_model(digits_csg_run).sha256)
+    assert det.name == "csg-robust" and np.isfinite(det.threshold_)
