@@ -79,7 +79,7 @@ def main() -> None:
     from csgguard.data import load_dataset
     from csgguard.devices import bf16_native
     from csgguard.models import CSGNet
-    from csgguard.train import Trainer, TrainConfig, default_model_config
+    from csgguard.train import TrainConfig, Trainer, default_model_config
 
     ds = load_dataset("cifar10", args.data_root)
     cpu = torch.device("cpu")
