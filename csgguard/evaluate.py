@@ -1,4 +1,4 @@
-"""The honest detection benchmark (method.md section 4), one call per report, swept over budgets.
+"""The honest detection benchmark (docs/method.md section 4), one call per report, swept over budgets.
 
 Protocol, in the order it runs:
 

@@ -1,6 +1,6 @@
 """``csgguard fit`` as one Python call: features -> fit -> calibrate -> save.
 
-Split policy (the evaluation protocol of method.md section 4, applied here):
+Split policy (the evaluation protocol of docs/method.md section 4, applied here):
 
 * **train split** -- the clean statistics are fitted on the model's training images
   that it classifies correctly (optionally the first ``limit`` of them). A supervised

@@ -1,4 +1,4 @@
-"""Training the CSG CNN (and its STD twin) by the per-epoch path alternation of method.md.
+"""Training the CSG CNN (and its STD twin) by the per-epoch path alternation of docs/method.md.
 
 Schedule (authors' code): the first ``warmup`` epochs train the STD path alone;
 after that an epoch trains the CSG path when ``epoch % period >= csg_from`` and
