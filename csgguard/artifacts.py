@@ -158,7 +158,7 @@ def folder_lock(folder: str | os.PathLike, command: str):
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the ``.NAME.XXXX.tmp`` files :func:`atomic_write_bytes` leaves when killed mid-write.
+    """Delete the ``.NAME.<random>.tmp`` files :func:`atomic_write_bytes` leaves when killed mid-write.
 
     Only call it while holding :func:`folder_lock` on ``folder`` (no live writer then).
     """

@@ -472,7 +472,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
     elapsed_before = 0.0
     if resume:  # every rank reads the checkpoint (several nodes: --out on a shared filesystem)
         if main:
-            remove_stale_temporaries(out)  # a kill mid-write leaves .NAME.XXXX.tmp; the CLI holds out's lock
+            remove_stale_temporaries(out)  # a kill mid-write leaves .NAME.<random>.tmp; the CLI holds out's lock
         meta, tensors = _read_checkpoint(out)
         saved = TrainConfig.from_dict(meta["config"])
         saved.milestones = tuple(saved.milestones)
