@@ -64,8 +64,10 @@ def bench_run(run: str, args) -> dict:
     x, y = test.x(), test.labels
     f_test = extract_features(model, x)
     shape = tuple(x.shape[1:])
-    eps_list = [float(e) for e in args.eps.split(",")] if args.eps else list(default_sweep("linf", data, shape))
-    adaptive_eps = ([float(e) for e in args.adaptive_eps.split(",")] if args.adaptive_eps else eps_list)
+    from csgguard.sweep import parse_budget_list  # fractions such as 8/255 accepted
+
+    eps_list = list(parse_budget_list(args.eps, "--eps")) if args.eps else list(default_sweep("linf", data, shape))
+    adaptive_eps = list(parse_budget_list(args.adaptive_eps, "--adaptive-eps")) if args.adaptive_eps else eps_list
     out = {"run": run, "dataset": data, "gated": model.gate is not None, "fit": len(fit), "calibration": len(cal),
            "test": len(x), "accuracy": float(np.mean(f_test.pred == y.numpy())), "detectors": {}}
     print(f"\n## {run} ({data}, {'CSG' if model.gate is not None else 'STD'}): fit {len(fit)}, "
