@@ -109,11 +109,14 @@ def study_model(label: str, run: str, args, log) -> list[dict]:
     f = extract_features(loaded.model, train.x())
     fit = f.subset(np.flatnonzero(f.pred == train.labels.numpy()))
     cal = extract_features(loaded.model, ds.val.x())
-    rows = np.sort(np.random.default_rng(0).permutation(len(ds.test))[: args.limit])
+    perm = np.random.default_rng(0).permutation(len(ds.test))
+    # head: the first --limit of the seeded order; tail: the last --limit, disjoint from the images
+    # the same-harness sweep (benchmarks/detection_sweep.py, seed 0) evaluates on
+    rows = np.sort(perm[: args.limit] if args.test_rows == "head" else perm[-args.limit:])
     x, y = ds.test.x()[torch.as_tensor(rows)], ds.test.labels[torch.as_tensor(rows)]
     clean = extract_features(loaded.model, x)
     cells = attack_cells(parse_list(args.eps or SWEEP[args.dataset]))
-    cache = Path(args.cache) / args.dataset
+    cache = Path(args.cache) / (args.dataset + ("" if args.test_rows == "head" else "-tail"))
     cache.mkdir(parents=True, exist_ok=True)
     adv = adversarial_features(loaded, x, y, cells, cache, label, log)
     out = []
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--csg", required=True, help="CSG run directory")
     p.add_argument("--std", default=None, help="STD twin run directory")
     p.add_argument("--limit", type=int, default=1000, help="test images to evaluate on")
+    p.add_argument("--test-rows", choices=("head", "tail"), default="head",
+                   help="which end of the seeded test order to evaluate on (tail: disjoint from the harness's)")
     p.add_argument("--fit-limit", type=int, default=20000, help="at most this many training images to fit on")
     p.add_argument("--eps", default=None, help="Linf budgets, e.g. 0.05,0.1 or 2/255,8/255")
     p.add_argument("--cache", default="runs/study/variants")
