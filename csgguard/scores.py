@@ -12,9 +12,13 @@ The statistics of one forward pass (``logits``, ``pooled`` gated-layer activatio
              class's clean mean (tied Ledoit-Wolf covariance; Lee et al. 2018's
              feature ensemble). Shallow layers see the perturbation itself, so they
              keep seeing it as the budget grows.
+``taps-joint`` the same over all taps' channel means at once (one column instead of
+             one per tap: where the earlier layers carry nothing, as on natural
+             images at small budgets, they add one noise column to a sum, not several).
 ``pattern``  log Mahalanobis distance of the pooled gated-layer activations to the
-             predicted class's clean pattern, one covariance per class: is this the
-             way class c's filters fire?
+             predicted class's clean pattern: is this the way class c's filters fire?
+             ``covariance="class"`` fits one covariance per class, ``"tied"`` one
+             shared by all classes (Lee et al. 2018's form; steadier on natural images).
 ``mismatch`` share of activation mass on filters whose gate is closed for the
              predicted class (a pseudo-gate from class means on a STD model).
 ``margin``   log of the top-1 minus top-2 logit: small on a decision boundary (where
@@ -53,7 +57,9 @@ import torch
 from .errors import CsgguardError
 
 #: the component families, in the order a vector of them is laid out (taps expand to tap0, tap1, ...)
-COMPONENTS = ("taps", "pattern", "mismatch", "margin", "norm")
+COMPONENTS = ("taps", "taps-joint", "pattern", "mismatch", "margin", "norm")
+#: how ``pattern`` reads the gated layer: one covariance per predicted class, or one tied covariance
+COVARIANCES = ("class", "tied")
 #: components atypical in both directions
 TWO_SIDED = ("mismatch", "margin", "norm")
 COMBINERS = ("max", "sum", "zmax", "density")
@@ -74,6 +80,16 @@ def parse_components(value: str | Sequence[str]) -> tuple[str, ...]:
         raise CsgguardError(f"unknown detector component {bad[0] if bad else '(none)'!r}; "
                             f"choose from {', '.join(COMPONENTS)}")
     return tuple(c for c in COMPONENTS if c in names)
+
+
+def check_covariance(value: str) -> str:
+    if value not in COVARIANCES:
+        raise CsgguardError(f"covariance must be one of {', '.join(COVARIANCES)}, not {value!r}")
+    return value
+
+
+def uses_taps(components: Sequence[str]) -> bool:
+    return "taps" in components or "taps-joint" in components
 
 
 def expand(components: Sequence[str], n_taps: int) -> list[str]:
@@ -120,6 +136,13 @@ def component_matrix(arrays: dict[str, torch.Tensor], components: Sequence[str],
             for i in range(n_taps):
                 r = taps[i].double() - arrays[f"tap_means_{i}"][pred]
                 cols.append(torch.log(quad(r, arrays[f"tap_precision_{i}"]) + _EPS))
+        elif c == "taps-joint":
+            n_taps = int(arrays["n_taps"].item())
+            if len(taps) < n_taps:
+                raise CsgguardError(f"the detector reads {n_taps} taps but the features carry {len(taps)} "
+                                    "(features from an older csgguard or another model?)")
+            r = torch.cat([t.double() for t in taps[:n_taps]], 1) - arrays["tapj_means"][pred]
+            cols.append(torch.log(quad(r, arrays["tapj_precision"]) + _EPS))
         elif c == "pattern":
             r = pooled - arrays["means_"][pred]
             cols.append(torch.log(class_quad(r, pred, arrays["class_precision_"]) + _EPS))
@@ -230,13 +253,13 @@ def pseudo_gate(pooled: np.ndarray, pred: np.ndarray, num_classes: int) -> np.nd
     return np.clip(means / np.maximum(means.max(1, keepdims=True), _EPS), 0.0, 1.0)
 
 
-def fit_statistics(features, gate: np.ndarray) -> dict[str, np.ndarray]:
+def fit_statistics(features, gate: np.ndarray, covariance: str = "class") -> dict[str, np.ndarray]:
     """Per-class clean statistics of the pattern and the taps (everything but the combiner)."""
     pred, c_num = features.pred, features.num_classes
     a = np.asarray(features.pooled, dtype=np.float64)
     means = class_means(a, pred, c_num)
     r = a - means[pred]
-    if a.shape[1] <= PER_CLASS_MAX_K:
+    if check_covariance(covariance) == "class" and a.shape[1] <= PER_CLASS_MAX_K:
         tied = shrunk_precision(r)
         prec = np.stack([shrunk_precision(r[pred == c]) if np.sum(pred == c) > 2 else tied for c in range(c_num)])
     else:
@@ -248,10 +271,15 @@ def fit_statistics(features, gate: np.ndarray) -> dict[str, np.ndarray]:
         m = class_means(t, pred, c_num)
         out[f"tap_means_{i}"] = m
         out[f"tap_precision_{i}"] = shrunk_precision(t - m[pred])
+    if features.taps:
+        t = np.concatenate([np.asarray(t, dtype=np.float64) for t in features.taps], 1)
+        m = class_means(t, pred, c_num)
+        out["tapj_means"], out["tapj_precision"] = m, shrunk_precision(t - m[pred])
     return out
 
 
-def fit_profile(features, gate: np.ndarray, components: Sequence[str], *, seed: int = 0) -> dict[str, np.ndarray]:
+def fit_profile(features, gate: np.ndarray, components: Sequence[str], *, covariance: str = "class",
+                seed: int = 0) -> dict[str, np.ndarray]:
     """Fit every array :func:`score` needs, from clean features (see the module docstring).
 
     The combiner's per-class means / standard deviations (and the density's covariance)
@@ -261,12 +289,12 @@ def fit_profile(features, gate: np.ndarray, components: Sequence[str], *, seed: 
     if n < 4:
         raise CsgguardError(f"{n} clean images are too few to fit the detector (need at least 4)")
     pred, c_num = features.pred, features.num_classes
-    arrays = fit_statistics(features, gate)
+    arrays = fit_statistics(features, gate, covariance)
     order = np.random.default_rng(seed).permutation(n)
     halves = (order[: n // 2], order[n // 2:])
     v = np.empty((n, len(expand(components, len(features.taps)))), dtype=np.float64)
     for fit_rows, read_rows in (halves, halves[::-1]):
-        part = to_torch(fit_statistics(features.subset(fit_rows), gate))
+        part = to_torch(fit_statistics(features.subset(fit_rows), gate, covariance))
         v[read_rows] = components_numpy(part, components, features.subset(read_rows))
     mean = class_means(v, pred, c_num)
     std = np.stack([v[pred == c].std(0) if np.sum(pred == c) > 1 else v.std(0) for c in range(c_num)])

@@ -37,6 +37,7 @@ from .base import Detector
 #: the default components and combiner of ``csg-clean`` (chosen by the rule in docs/detectors.md)
 DEFAULT_COMPONENTS = "taps,pattern,margin"
 DEFAULT_COMBINE = "sum"
+DEFAULT_COVARIANCE = "class"
 pseudo_gate = S.pseudo_gate  # re-exported: part of the public detector API
 
 
@@ -52,15 +53,17 @@ class _GateProfile:
         if self.gate == "model" and clean.gate is None:
             raise CsgguardError("gate='model' needs a CSG model (this model has no gate); use gate='auto' or 'pseudo'")
         comps = self._resolved_components()
-        if "taps" in comps and not clean.taps:
-            raise CsgguardError("component 'taps' needs features with earlier-layer taps (extract_features gives them)")
+        if S.uses_taps(comps) and not clean.taps:
+            raise CsgguardError("components 'taps' / 'taps-joint' need features with earlier-layer taps "
+                                "(extract_features gives them)")
+        S.check_covariance(self.covariance)
         use_model = clean.gate is not None and self.gate in ("auto", "model")
         self.gate_source_ = "model" if use_model else "pseudo"
         gate = (np.asarray(clean.gate, dtype=np.float64) if use_model
                 else S.pseudo_gate(clean.pooled, clean.pred, clean.num_classes))
         self.components_ = list(comps)
-        self.arrays_ = S.fit_profile(clean, gate, comps)
-        self.n_taps_ = len(clean.taps) if "taps" in comps else 0
+        self.arrays_ = S.fit_profile(clean, gate, comps, covariance=self.covariance)
+        self.n_taps_ = len(clean.taps) if S.uses_taps(comps) else 0
         self.columns_ = S.expand(comps, self.n_taps_)
         self._torch = {}
 
@@ -94,19 +97,28 @@ class _GateProfile:
         n_taps = int(extra.get("n_taps_", 0))
         need = ["gate_", "means_", "class_precision_", "n_taps", "comp_mean_", "comp_std_", "comp_precision_",
                 "tail_q_", "tail_s_"]
-        need += [f"tap_{kind}_{i}" for i in range(n_taps) for kind in ("means", "precision")]
+        if "taps" in comps:
+            need += [f"tap_{kind}_{i}" for i in range(n_taps) for kind in ("means", "precision")]
+        if "taps-joint" in comps:
+            need += ["tapj_means", "tapj_precision"]
         missing = [k for k in need if k not in arrays]
         if missing:
             raise CsgguardError(f"detector state lacks arrays {', '.join(missing)} (saved by an older csgguard? "
                                 "refit it)")
         c_num, k_num = np.shape(arrays["means_"])
         m = len(S.expand(comps, n_taps))
+        if "taps-joint" in comps and (np.ndim(arrays["tapj_means"]) != 2 or np.shape(arrays["tapj_precision"]) != (
+                np.shape(arrays["tapj_means"])[1],) * 2 or np.shape(arrays["tapj_means"])[0] != c_num):
+            raise CsgguardError(f"detector arrays tapj_means / tapj_precision have shapes "
+                                f"{np.shape(arrays['tapj_means'])} / {np.shape(arrays['tapj_precision'])}")
         shapes = {"gate_": (k_num, c_num), "comp_mean_": (c_num, m), "comp_std_": (c_num, m),
                   "comp_precision_": (m, m), "tail_q_": (m, S.TAIL_LEVELS), "tail_s_": (S.TAIL_LEVELS,)}
         for k, shape in shapes.items():
             if np.shape(arrays[k]) != shape:
                 raise CsgguardError(f"detector array {k} has shape {np.shape(arrays[k])}, expected {shape}")
-        if np.shape(arrays["class_precision_"]) not in ((c_num, k_num, k_num), (1, k_num, k_num)):
+        allowed = ((1, k_num, k_num),) if getattr(self, "covariance", "class") == "tied" else (
+            (c_num, k_num, k_num), (1, k_num, k_num))
+        if np.shape(arrays["class_precision_"]) not in allowed:
             raise CsgguardError(f"detector array class_precision_ has shape {np.shape(arrays['class_precision_'])}")
         self.arrays_ = {k: np.asarray(arrays[k], dtype=np.float64) for k in need}
         self.components_, self.n_taps_ = list(comps), n_taps
@@ -121,11 +133,14 @@ class GateCleanDetector(_GateProfile, Detector):
     Parameters
     ----------
     components : comma-separated families of :data:`csgguard.scores.COMPONENTS`
-        (``taps``, ``pattern``, ``mismatch``, ``margin``, ``norm``); see :mod:`csgguard.scores`.
+        (``taps``, ``taps-joint``, ``pattern``, ``mismatch``, ``margin``, ``norm``); see
+        :mod:`csgguard.scores`.
     combine : ``max`` (largest clean surprise), ``sum`` (summed surprises, Fisher's method),
         ``zmax`` (largest per-class clean z-score) or ``density`` (Mahalanobis distance of the
         component vector to its class's clean mean); see :mod:`csgguard.scores`.
     gate : ``auto`` (the model's gate, or a pseudo-gate on a STD model), ``model`` or ``pseudo``.
+    covariance : how ``pattern`` reads the gated layer: ``class`` (one covariance per predicted
+        class) or ``tied`` (one shared covariance).
     fpr : target false-positive rate for :meth:`calibrate`.
     """
 
@@ -133,11 +148,12 @@ class GateCleanDetector(_GateProfile, Detector):
     supervised = False
 
     def __init__(self, *, components: str = DEFAULT_COMPONENTS, combine: str = DEFAULT_COMBINE,
-                 gate: str = "auto", fpr: float = 0.05) -> None:
+                 gate: str = "auto", covariance: str = DEFAULT_COVARIANCE, fpr: float = 0.05) -> None:
         super().__init__(fpr=fpr)
         self.components = components
         self.combine = combine
         self.gate = gate
+        self.covariance = covariance
 
     def _fit(self, clean: Features, adversarial=None, *, inputs=None, adversarial_inputs=None) -> None:
         if self.combine not in S.COMBINERS:
@@ -175,19 +191,20 @@ class GateSupervisedDetector(_GateProfile, Detector):
     ----------
     C : inverse L2 regularisation strength of the logistic regression.
     components : as for :class:`GateCleanDetector` (default: all).
-    gate : as for :class:`GateCleanDetector`.
+    gate, covariance : as for :class:`GateCleanDetector`.
     fpr : target false-positive rate for :meth:`calibrate`.
     """
 
     name = "csg-supervised"
     supervised = True
 
-    def __init__(self, *, C: float = 1.0, components: str = ",".join(S.COMPONENTS), gate: str = "auto",
-                 fpr: float = 0.05) -> None:
+    def __init__(self, *, C: float = 1.0, components: str = "taps,pattern,mismatch,margin,norm", gate: str = "auto",
+                 covariance: str = DEFAULT_COVARIANCE, fpr: float = 0.05) -> None:
         super().__init__(fpr=fpr)
         self.C = C
         self.components = components
         self.gate = gate
+        self.covariance = covariance
 
     def feature_matrix(self, f: Features) -> torch.Tensor:
         """(N, M + two-sided) standardised statistics: signed z, then |z| of the two-sided columns."""

@@ -233,3 +233,34 @@ def test_score_does_not_depend_on_batch_composition(csg, combine):
     whole = det.score_samples(t)
     for rows in ([0], [3], [0, 1], list(range(5, 12)), list(range(40, 120, 3))):
         np.testing.assert_allclose(det.score_samples(t.subset(np.array(rows))), whole[rows], rtol=1e-12, atol=1e-12)
+
+
+def test_tied_covariance_and_joint_taps(tmp_path, csg, csg_adv):
+    """``covariance="tied"`` stores one shared precision; ``taps-joint`` reads all taps as one column;
+    both survive a save/load and the torch score is the detector score."""
+    loaded, ds, f = csg
+    det = GateCleanDetector(components="taps-joint,pattern,margin", covariance="tied").fit(f["train"])
+    det.calibrate(f["val"])
+    k = f["train"].num_filters
+    assert det.arrays_["class_precision_"].shape == (1, k, k)
+    assert det.columns_ == ["taps-joint", "pattern", "margin"]
+    width = sum(t.shape[1] for t in f["train"].taps)
+    assert det.arrays_["tapj_precision"].shape == (width, width)
+    per_class = GateCleanDetector(components="taps-joint,pattern,margin").fit(f["train"])
+    assert per_class.arrays_["class_precision_"].shape[0] == f["train"].num_classes
+    assert not np.allclose(det.score_samples(f["test"]), per_class.score_samples(f["test"]))
+    assert auroc(det.score_samples(f["test"]), det.score_samples(csg_adv["test"])) > 0.9
+    save_detector(det, tmp_path, model_sha256=loaded.sha256)
+    back = load_detector(tmp_path, model_sha256=loaded.sha256)
+    assert back.get_params()["covariance"] == "tied"
+    np.testing.assert_array_equal(back.score_samples(f["test"]), det.score_samples(f["test"]))
+    x = ds.test.x()[:50]
+    out = loaded.model.eval().forward_signals(x)
+    np.testing.assert_allclose(det.torch_score(out.logits, out.pooled, out.taps).detach().numpy(),
+                               det.score_samples(extract_features(loaded.model, x)), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_covariance_is_one_clear_error(csg):
+    _, _, f = csg
+    with pytest.raises(CsgguardError, match="covariance must be one of class, tied"):
+        GateCleanDetector(covariance="diag").fit(f["train"])

@@ -301,3 +301,35 @@ def test_l2_budget_beyond_the_image(digits_csg_run, tmp_path):
                                     "--out", str(tmp_path / "r"), "--device", "cpu"])
     assert res.exit_code == 2 and "exceeds the largest possible L2 perturbation" in res.output, res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_variant_study_regret_rule():
+    """The second rule of docs/detectors.md on a made-up grid whose answer is known: the candidate
+    that is never far from the best wins over one that is best on average but collapses in one cell."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("detector_variants", ROOT / "benchmarks" / "detector_variants.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def row(variant, dataset, attack, auroc, comps="a,b"):
+        return {"dataset": dataset, "model": "CSG", "variant": variant, "components": comps, "attack": attack,
+                "auroc": auroc, "tpr": 0.5}
+
+    rows = [row("steady", "d1", "pgd", 0.95), row("steady", "d2", "pgd", 0.90), row("steady", "d2", "cw", 0.55),
+            row("spiky", "d1", "pgd", 1.00), row("spiky", "d2", "pgd", 0.80), row("spiky", "d2", "cw", 0.99),
+            row("twin", "d1", "pgd", 0.95, "a"), row("twin", "d2", "pgd", 0.895, "a"),
+            row("twin", "d2", "cw", 0.55, "a"), row("component a", "d1", "pgd", 0.1)]
+    ranked = mod.apply_regret_rule(rows)
+    names = [o["variant"] for o in ranked]
+    assert "component a" not in names
+    # steady: largest regret 0.44 (cw); spiky: 0.10 (d2 pgd); twin: 0.44 too
+    assert names[0] == "spiky" and ranked[0]["max_regret"] == pytest.approx(0.10)
+    assert ranked[0]["at"] == "d2 CSG pgd"
+    assert {o["variant"]: round(o["max_regret"], 3) for o in ranked[1:]} == {"steady": 0.44, "twin": 0.44}
+    # without spiky, steady and twin tie within 0.01 of regret: the higher mean AUROC (steady) goes first
+    ranked = mod.apply_regret_rule([r for r in rows if r["variant"] != "spiky"])
+    assert [o["variant"] for o in ranked] == ["steady", "twin"]
+    assert ranked[1]["max_regret"] == pytest.approx(0.005)
