@@ -34,15 +34,21 @@ from ..errors import CsgguardError
 from ..features import Features
 from .base import Detector
 
-#: the default components and combiner of ``csg-clean`` (chosen by the rule in docs/detectors.md)
-DEFAULT_COMPONENTS = "taps,pattern,margin"
+#: the default components, combiner and covariance of ``csg-clean``, chosen by the second rule of
+#: docs/detectors.md (minimax regret over digits, MNIST and CIFAR-10, CSG and STD)
+DEFAULT_COMPONENTS = "taps-joint,pattern,margin"
 DEFAULT_COMBINE = "sum"
-DEFAULT_COVARIANCE = "class"
+DEFAULT_COVARIANCE = "tied"
 pseudo_gate = S.pseudo_gate  # re-exported: part of the public detector API
 
 
 class _GateProfile:
     """Fitting, scoring and persistence shared by both gate detectors (the arrays of :mod:`csgguard.scores`)."""
+
+    @classmethod
+    def from_state(cls, params, arrays, extra):
+        # files written before ``covariance`` existed were all fitted with one covariance per class
+        return super().from_state({"covariance": "class", **params}, arrays, extra)
 
     def _resolved_components(self) -> tuple[str, ...]:
         return S.parse_components(self.components)
@@ -199,7 +205,7 @@ class GateSupervisedDetector(_GateProfile, Detector):
     supervised = True
 
     def __init__(self, *, C: float = 1.0, components: str = "taps,pattern,mismatch,margin,norm", gate: str = "auto",
-                 covariance: str = DEFAULT_COVARIANCE, fpr: float = 0.05) -> None:
+                 covariance: str = "class", fpr: float = 0.05) -> None:
         super().__init__(fpr=fpr)
         self.C = C
         self.components = components

@@ -246,7 +246,7 @@ def test_tied_covariance_and_joint_taps(tmp_path, csg, csg_adv):
     assert det.columns_ == ["taps-joint", "pattern", "margin"]
     width = sum(t.shape[1] for t in f["train"].taps)
     assert det.arrays_["tapj_precision"].shape == (width, width)
-    per_class = GateCleanDetector(components="taps-joint,pattern,margin").fit(f["train"])
+    per_class = GateCleanDetector(components="taps-joint,pattern,margin", covariance="class").fit(f["train"])
     assert per_class.arrays_["class_precision_"].shape[0] == f["train"].num_classes
     assert not np.allclose(det.score_samples(f["test"]), per_class.score_samples(f["test"]))
     assert auroc(det.score_samples(f["test"]), det.score_samples(csg_adv["test"])) > 0.9
@@ -264,3 +264,18 @@ def test_bad_covariance_is_one_clear_error(csg):
     _, _, f = csg
     with pytest.raises(CsgguardError, match="covariance must be one of class, tied"):
         GateCleanDetector(covariance="diag").fit(f["train"])
+
+
+def test_detector_saved_before_covariance_existed_loads_as_per_class(tmp_path, csg, monkeypatch):
+    """Files written before the ``covariance`` parameter have no such key: they were per-class fits."""
+    loaded, _, f = csg
+    det = GateCleanDetector(covariance="class").fit(f["train"]).calibrate(f["val"])
+    plain = GateCleanDetector.get_params
+    monkeypatch.setattr(GateCleanDetector, "get_params",
+                        lambda self, deep=True: {k: v for k, v in plain(self, deep).items() if k != "covariance"})
+    path = save_detector(det, tmp_path, model_sha256=loaded.sha256)
+    monkeypatch.undo()
+    assert "covariance" not in json.loads(path.read_text())["params"]
+    back = load_detector(tmp_path, model_sha256=loaded.sha256)
+    assert back.covariance == "class"
+    np.testing.assert_array_equal(back.score_samples(f["test"]), det.score_samples(f["test"]))
