@@ -105,10 +105,17 @@ def format_tables(report: dict[str, Any]) -> str:
                          "ok" if ok else "OFF"])
     out += _table(["detector", "model", "threshold", "calibration images", "realised FPR", "within"], rows) + [""]
     if report["adaptive"]:
-        out += ["## Adaptive attack against csg-clean (evasion rate: misclassified and not flagged / attacked)", ""]
-        rows = [[d, m.upper()] + [_f(idx.get((m, d, c), {}).get("evasion_rate")) for c in adaptive_cells]
+        out += ["## Adaptive attack (evasion rate: misclassified and not flagged / attacked; "
+                "aimed at the detector itself unless marked transfer)", ""]
+
+        def aimed(m: str, d: str) -> str:
+            r = next((idx[(m, d, c)] for c in adaptive_cells if (m, d, c) in idx), {})
+            t = r.get("target", "csg-clean")
+            return "itself" if t == d else f"{t} (transfer)"
+
+        rows = [[d, m.upper(), aimed(m, d)] + [_f(idx.get((m, d, c), {}).get("evasion_rate")) for c in adaptive_cells]
                 for d in detectors for m in models if any((m, d, c) in idx for c in adaptive_cells)]
-        out += _table(["detector", "model"] + adaptive_cells, rows) + [""]
+        out += _table(["detector", "model", "attack aimed at"] + adaptive_cells, rows) + [""]
     if report["errors"]:
         out += ["Not evaluated:"] + [f"- {e}" for e in report["errors"]] + [""]
     return "\n".join(out)
@@ -160,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cw-preset", default=None, help="fast | thorough")
     ap.add_argument("--no-adaptive", action="store_true")
     ap.add_argument("--adaptive-steps", type=int, default=40)
+    ap.add_argument("--adaptive-targets", default=None,
+                    help="detectors the adaptive attack is aimed at, each through its own score (default csg-clean; "
+                         "'all': every detector with a differentiable score)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--out", default=None, help="also write the full report (report.md, curves) into this folder")
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                        supervised_on=args.supervised_on, adaptive=not args.no_adaptive, eps=args.eps,
                        l2_eps=args.l2_eps, data_root=args.data_root, batch_size=args.batch_size,
                        detector_params=_detector_params(args.detector_params), adaptive_steps=args.adaptive_steps,
+                       adaptive_targets=args.adaptive_targets,
                        attack_settings=settings, progress=False, out=args.out, write=args.out is not None)
     except CsgguardError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -316,29 +316,48 @@ def _evaluate_model(h: _Harness, cells: list[Cell], fit_cells: list[Cell], detec
             out["cross_fit"] += _cross_fit(h, label, adv_fit, adv_eval)
         elif label in fitted:
             h.errors.append(f"{h.label}/{label}: not supervised; no fit-on-each matrix")
-    if adaptive and ADAPTIVE_TARGET in fitted:
-        target = fitted[ADAPTIVE_TARGET][0]
-        for eps in linf:
-            cid = f"{ADAPTIVE}@{format_eps(eps)}"
+    targets = _adaptive_targets(s["adaptive_targets"], fitted) if adaptive else []
+    if adaptive and not targets:
+        h.errors.append(f"{h.label}: adaptive attack skipped (none of its targets "
+                        f"{', '.join(s['adaptive_targets'])} was fitted with a differentiable score)")
+    for eps in linf if targets else ():
+        cid = f"{ADAPTIVE}@{format_eps(eps)}"
+        runs: dict[str, dict[str, Any]] = {}
+        for t in targets:  # one attack per target, against that detector's own score
             try:
-                r = h.adaptive(target, eps)
+                runs[t] = h.adaptive(fitted[t][0], eps)
             except CsgguardError as exc:
-                h.errors.append(f"{h.label}: adaptive attack at eps {eps:g} failed: {exc}")
+                h.errors.append(f"{h.label}: adaptive attack on {t} at eps {eps:g} failed: {exc}")
                 continue
-            out["attacks"][cid] = {**_counts(r), "attack": ADAPTIVE, "norm": "linf", "eps": eps}
-            h.seconds[f"attack:{cid}"] = r["seconds"]
-            for label, (det, thr, clean) in fitted.items():
-                row = _cell_row(h, label, det, cid, None, r, clean, thr, seen=False)
-                adv = h.score(det, r["feats"], r["x"])
-                evaded = int((adv <= thr["target"]).sum()) if len(adv) else 0
-                row.update(eps=eps, target=ADAPTIVE_TARGET, steps=s["adaptive_steps"],
-                           weights=list(s["adaptive_weights"]), seconds=r["seconds"],
-                           evasion_rate=evaded / r["attacked"] if r["attacked"] else None)
-                out["adaptive"].append(row)
-    elif adaptive:
-        h.errors.append(f"{h.label}: adaptive attack skipped (it targets {ADAPTIVE_TARGET}, which was not evaluated)")
+            h.seconds[f"attack:{cid}:{t}"] = runs[t]["seconds"]
+        if not runs:
+            continue
+        primary = next(iter(runs))
+        out["attacks"][cid] = {**_counts(runs[primary]), "attack": ADAPTIVE, "norm": "linf", "eps": eps,
+                               "target": primary, "per_target": {t: _counts(r) for t, r in runs.items()}}
+        for label, (det, thr, clean) in fitted.items():
+            # a detector is scored on the attack against itself; one without its own (no differentiable
+            # score, or not a target) on the attack against the first target: a transfer row, so labelled
+            src = label if label in runs else primary
+            r = runs[src]
+            row = _cell_row(h, label, det, cid, None, r, clean, thr, seen=False)
+            adv = h.score(det, r["feats"], r["x"])
+            evaded = int((adv <= thr["target"]).sum()) if len(adv) else 0
+            row.update(eps=eps, target=src, transfer=src != label, steps=s["adaptive_steps"],
+                       weights=list(s["adaptive_weights"]), seconds=r["seconds"],
+                       evasion_rate=evaded / r["attacked"] if r["attacked"] else None)
+            out["adaptive"].append(row)
     out["seconds"] = h.seconds
     return out
+
+
+def _adaptive_targets(requested: Sequence[str], fitted: dict[str, Any]) -> list[str]:
+    """The fitted detectors the adaptive attack targets, in request order (``all``: every one with a
+    differentiable score, csg-clean first)."""
+    if list(requested) == ["all"]:
+        names = sorted(fitted, key=lambda n: n != ADAPTIVE_TARGET)
+        return [n for n in names if hasattr(fitted[n][0], "torch_score")]
+    return [n for n in requested if n in fitted]
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -418,7 +437,7 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
              detector_params: dict[str, dict[str, Any]] | None = None, adaptive_steps: int = 40,
              adaptive_weights: tuple[float, ...] = (0.5, 2.0, 8.0), progress: bool | None = None,
              attack_settings: dict[str, dict[str, Any]] | None = None, cross_fit: Sequence[str] | None = None,
-             write: bool = True) -> dict[str, Any]:
+             adaptive_targets: str | Sequence[str] | None = None, write: bool = True) -> dict[str, Any]:
     """Run the protocol on ``run_dir`` (and ``compare_run``) over a budget sweep; write and return the report.
 
     ``eps`` / ``l2_eps``: the Linf / L2 budgets (a number, a list, or text like
@@ -427,6 +446,10 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
     (``"pgd@0.1"``) supervised detectors are fitted on, on the fit split; default fgsm
     and pgd. ``cross_fit``: supervised detectors that also get the fit-on-each /
     test-on-each matrix (default: the csg-supervised ones among ``detectors``).
+    ``adaptive_targets``: the detectors the adaptive attack is run against, each with its own
+    attack on its own differentiable score (default csg-clean; ``"all"``: every detector that
+    has one); every other detector is scored on the attack against the first target (a
+    transfer row, ``transfer: true``).
     ``detector_params``: label -> parameters; a label that is no registered name is a
     variant whose ``"detector"`` entry names the base detector.
     """
@@ -447,6 +470,12 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
         raise CsgguardError(f"cross-fit detector {unknown[0]!r} is not among the evaluated detectors")
     if limit is not None and limit < 1:
         raise CsgguardError(f"--limit must be >= 1, got {limit}")
+    targets = _names(adaptive_targets, (ADAPTIVE_TARGET,))
+    if adaptive_targets is not None and targets != ("all",):
+        bad = [t for t in targets if t not in detectors]
+        if bad:
+            raise CsgguardError(f"adaptive target {bad[0]!r} is not among the evaluated detectors "
+                                f"({', '.join(detectors)}); or use 'all'")
     dev = select_device(device)
     models = {"csg": load_model(run_dir, dev)}
     if compare_run is not None:
@@ -464,7 +493,7 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
     settings = {"attacks": list(attacks), "detectors": list(detectors), "detector_bases": bases, "fpr": fpr,
                 "limit": limit, "seed": seed, "eps": list(linf), "l2_eps": list(l2), "cells": [c.id for c in cells],
                 "supervised_on": [c.id for c in fit_cells], "cross_fit": list(cross), "adaptive": adaptive,
-                "adaptive_target": ADAPTIVE_TARGET, "batch_size": batch_size, "detector_params": detector_params,
+                "adaptive_targets": list(targets), "batch_size": batch_size, "detector_params": detector_params,
                 "dataset": ds.name, "attack_settings": attack_settings or {}, "adaptive_steps": adaptive_steps,
                 "adaptive_weights": list(adaptive_weights), "negatives": "all clean evaluation images",
                 "calibration": "Detector.calibrate on every clean calibration image (misclassified included), "

@@ -148,3 +148,23 @@ def test_cli_runs_and_prints_table(digits_csg_run, tmp_path):
     rep = json.loads(text[text.index("{"):])
     assert {r["detector"] for r in rep["results"]} == {"csg-clean", "mahalanobis"}
     assert (tmp_path / "r" / "report.md").is_file()
+
+
+def test_adaptive_attack_aimed_at_each_target(digits_csg_run, tmp_path):
+    """--adaptive-targets: each target is attacked through its own score (its row is no transfer and its
+    evasion is judged on that attack); a detector without a differentiable score gets a transfer row."""
+    rep = E.evaluate(digits_csg_run, attacks=("fgsm",), detectors=("csg-clean", "mahalanobis", "lid"), limit=300,
+                     device="cpu", eps=0.1, supervised_on="fgsm", adaptive_steps=5, adaptive_weights=(2.0,),
+                     adaptive_targets="all", progress=False, write=False)
+    rows = {r["detector"]: r for r in rep["adaptive"]}
+    assert rows["csg-clean"]["target"] == "csg-clean" and not rows["csg-clean"]["transfer"]
+    assert rows["mahalanobis"]["target"] == "mahalanobis" and not rows["mahalanobis"]["transfer"]
+    assert rows["lid"]["target"] == "csg-clean" and rows["lid"]["transfer"]  # LID has no torch score
+    per = rep["attacks"]["csg"]["adaptive-pgd@0.1"]["per_target"]
+    assert set(per) == {"csg-clean", "mahalanobis"}
+    # the two attacks differ (each optimised against another score)
+    assert rows["csg-clean"]["n_adv_eval"] == per["csg-clean"]["succeeded"]
+    assert rows["mahalanobis"]["n_adv_eval"] == per["mahalanobis"]["succeeded"]
+    with pytest.raises(E.CsgguardError, match="adaptive target 'kd-bu' is not among"):
+        E.evaluate(digits_csg_run, attacks=("fgsm",), detectors=("csg-clean",), limit=300, device="cpu", eps=0.1,
+                   adaptive_targets="kd-bu", progress=False, write=False)

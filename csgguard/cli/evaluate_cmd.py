@@ -57,7 +57,12 @@ def _names(value: str, what: str) -> tuple[str, ...]:
               help="Attacks (every budget) or cells (pgd@0.1) supervised detectors are fitted on, on the fit split; "
                    "every other cell is unseen.")
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
-              help="Also run PGD against classifier + csg-clean detector together, at every Linf budget.")
+              help="Also run the adaptive attack (classifier + detector together) at every Linf budget.")
+@click.option("--adaptive-targets", default=None, metavar="LIST|all",
+              help="Detectors the adaptive attack is aimed at, each through its own differentiable score "
+                   "(csg-clean, csg-robust, mahalanobis; 'all': every evaluated one that has such a score; "
+                   "default csg-clean). The others are scored on the attack aimed at the first target, marked "
+                   "as transfer.")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True, help="Fixes the splits and the attacks' randomness.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Report folder (default RUN/evaluation): report.json, report.md, curve_*.png, roc_*.png, "
@@ -67,7 +72,7 @@ def _names(value: str, what: str) -> tuple[str, ...]:
 @format_option(("table", "json"))
 @progress_option
 def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, l2_eps, supervised_on, adaptive,
-                     seed, out, data_root, device, fmt, progress):
+                     adaptive_targets, seed, out, data_root, device, fmt, progress):
     """Measure detection honestly: disjoint splits, one fixed threshold, a budget sweep, unseen and adaptive attacks.
 
     Splits the test data once into fit / calibration / evaluation parts, attacks the
@@ -102,6 +107,8 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
             report = evaluate(run_dir, compare_run=compare_run, attacks=attack_names, detectors=detector_names,
                               fpr=fpr_value, limit=limit, seed=seed, device=device,
                               supervised_on=_names(supervised_on, "supervised-on"), adaptive=adaptive, out=out,
+                              adaptive_targets=None if adaptive_targets is None
+                              else _names(adaptive_targets, "adaptive-targets"),
                               eps=eps_list, l2_eps=l2_list, data_root=data_root, progress=progress)
     except BaseException:
         if created:  # a refused request (unknown name, too few images, other classes) leaves no empty folder
