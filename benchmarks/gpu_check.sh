@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: the shipped CIFAR-10 ResNet-20 recipe (`csgguard train --data
-# cifar10`, 40 epochs, cosine, bf16, channels-last), CSG and STD trained side by side on the
+# The one prepared GPU check: the CIFAR-10 ResNet-20 recipe (`csgguard train --data cifar10`,
+# cosine, bf16, channels-last) for EPOCHS epochs (default 40: the default recipe's 100 epochs
+# side by side take about 500 s on an H100, past one call's limit with the start-up), CSG and STD trained side by side on the
 # one GPU, then benchmarks/speed.py on CUDA. Results land in $OUT; the two run directories
 # come back as $OUT/cifar_runs.tar.
 #
@@ -17,7 +18,8 @@ export PYTHONUNBUFFERED=1 CSGGUARD_NO_PROGRESS=1 CSGGUARD_CACHE=/tmp/csgguard-ca
 PY=${PYTHON:-python3}
 DATA=${CIFAR_ROOT:-.data/cifar10-jpeg}
 DEVICE=${DEVICE:-cuda}          # DEVICE=cpu + TRAIN_EXTRA give a CPU dry run of this script
-TRAIN_EXTRA=${TRAIN_EXTRA:-}    # e.g. "--epochs 2 --train-limit 500"
+EPOCHS=${EPOCHS:-40}
+TRAIN_EXTRA=${TRAIN_EXTRA:-}    # e.g. "--train-limit 500" (EPOCHS=2 for a dry run)
 SPEED_EXTRA=${SPEED_EXTRA:-}    # e.g. "--quick"
 RUNS=/tmp/runs
 start=$(date +%s)
@@ -45,7 +47,7 @@ export PYTHONPATH=/tmp/pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 # 2. the shipped recipe, CSG and STD side by side (one small network leaves the GPU mostly idle)
 for kind in csg std; do
   flag=$([ $kind = std ] && echo --no-gate || echo --gate)
-  timeout 400 $PY -P -m csgguard train --data cifar10 --data-root "$DATA" --device "$DEVICE" $flag $TRAIN_EXTRA \
+  timeout 400 $PY -P -m csgguard train --data cifar10 --data-root "$DATA" --device "$DEVICE" $flag --epochs $EPOCHS $TRAIN_EXTRA \
     --out $RUNS/cifar10-resnet20-$kind --format json --no-progress > "$OUT/train_$kind.json" 2> "$OUT/train_$kind.log" &
 done
 wait
