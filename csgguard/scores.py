@@ -128,19 +128,16 @@ def component_matrix(arrays: dict[str, torch.Tensor], components: Sequence[str],
     pred = logits.argmax(1)
     cols: list[torch.Tensor] = []
     for c in components:
-        if c == "taps":
+        if c in ("taps", "taps-joint"):
             n_taps = int(arrays["n_taps"].item())
             if len(taps) < n_taps:
                 raise CsgguardError(f"the detector reads {n_taps} taps but the features carry {len(taps)} "
                                     "(features from an older csgguard or another model?)")
+        if c == "taps":
             for i in range(n_taps):
                 r = taps[i].double() - arrays[f"tap_means_{i}"][pred]
                 cols.append(torch.log(quad(r, arrays[f"tap_precision_{i}"]) + _EPS))
         elif c == "taps-joint":
-            n_taps = int(arrays["n_taps"].item())
-            if len(taps) < n_taps:
-                raise CsgguardError(f"the detector reads {n_taps} taps but the features carry {len(taps)} "
-                                    "(features from an older csgguard or another model?)")
             r = torch.cat([t.double() for t in taps[:n_taps]], 1) - arrays["tapj_means"][pred]
             cols.append(torch.log(quad(r, arrays["tapj_precision"]) + _EPS))
         elif c == "pattern":

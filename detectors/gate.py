@@ -122,7 +122,7 @@ class _GateProfile:
         for k, shape in shapes.items():
             if np.shape(arrays[k]) != shape:
                 raise CsgguardError(f"detector array {k} has shape {np.shape(arrays[k])}, expected {shape}")
-        allowed = ((1, k_num, k_num),) if getattr(self, "covariance", "class") == "tied" else (
+        allowed = ((1, k_num, k_num),) if self.covariance == "tied" else (
             (c_num, k_num, k_num), (1, k_num, k_num))
         if np.shape(arrays["class_precision_"]) not in allowed:
             raise CsgguardError(f"detector array class_precision_ has shape {np.shape(arrays['class_precision_'])}")
