@@ -16,6 +16,17 @@ another class pushed into ``k``? Its training data:
   iterate): each round's examples join the pool and the detector is refitted on all
   of them, so it learns to flag what evaded its previous self.
 
+The clean guard (``guard="csg-clean"``, the default): the class detectors learn what the
+attacks they were trained on look like, and on attacks unlike those (C&W, budgets
+outside the training range) they can see less than the clean-only ``csg-clean``
+does. So the score is the union of both: a soft maximum (log-sum-exp) of the heads'
+log-odds and a ``csg-clean`` score fitted on the same clean images, each put in units
+of its own clean spread (its ``1 - fpr`` clean quantile subtracted, divided by its clean
+standard deviation). An input is flagged when either part finds it atypical, and every
+adaptive round -- and any adaptive attacker -- differentiates the union, so an
+example must evade both to pass. ``guard="none"`` keeps the heads alone (files saved
+before the guard existed load that way).
+
 Screening reads only the :class:`~csgguard.features.Features` of the classifying pass
 (``needs_inputs`` is false): the cost is one small matrix product per predicted class.
 Fitting needs the model (``bind_model``) and the fit images (``inputs=``) to generate
@@ -40,6 +51,10 @@ from ..features import Features
 from .base import Detector
 
 BLOCKS = ("pooled", "taps", "logits")
+GUARDS = ("csg-clean", "none")
+_HEAD_ARRAYS = ("mu_", "sd_", "w1_", "b1_", "w2_", "b2_")
+#: prefix of the guard's arrays inside the detector file
+_GUARD_PREFIX = "guard."
 
 
 def _parse_blocks(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -75,6 +90,8 @@ class GateRobustDetector(Detector):
     steps : PGD steps of the training attacks.
     limit : at most this many fit images are attacked per round (all are used as clean).
     epochs, lr, weight_decay : full-batch Adam on the pool, per (re)fit.
+    guard : ``csg-clean`` (flag what either the heads or a clean-only ``csg-clean`` finds atypical;
+        see the module docstring) or ``none`` (the heads alone).
     seed : attack starts, budgets, targets and initialisation.
     fpr : target false-positive rate for :meth:`calibrate`.
     """
@@ -87,8 +104,8 @@ class GateRobustDetector(Detector):
 
     def __init__(self, *, inputs: str = "pooled,taps,logits", hidden: int = 64, rounds: int = 3,
                  train_eps: str | Sequence[float] | None = None, steps: int = 20, limit: int = 2000,
-                 epochs: int = 300, lr: float = 0.01, weight_decay: float = 1e-4, seed: int = 0,
-                 batch_size: int = 256, fpr: float = 0.05) -> None:
+                 epochs: int = 300, lr: float = 0.01, weight_decay: float = 1e-4, guard: str = "csg-clean",
+                 seed: int = 0, batch_size: int = 256, fpr: float = 0.05) -> None:
         super().__init__(fpr=fpr)
         self.inputs = inputs
         self.hidden = hidden
@@ -99,6 +116,7 @@ class GateRobustDetector(Detector):
         self.epochs = epochs
         self.lr = lr
         self.weight_decay = weight_decay
+        self.guard = guard
         self.seed = seed
         self.batch_size = batch_size
         self._model = None
@@ -130,9 +148,23 @@ class GateRobustDetector(Detector):
                 parts.append(logits.double())
         return torch.cat(parts, 1)
 
+    @classmethod
+    def from_state(cls, params, arrays, extra):
+        # files written before ``guard`` existed hold the heads alone
+        return super().from_state({"guard": "none", **params}, arrays, extra)
+
     def torch_score(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor:
-        """The detector's log-odds of "adversarial" for the predicted class's detector; differentiable."""
+        """The score: the predicted class's head log-odds of "adversarial", in union with the clean
+        guard when there is one (module docstring); differentiable, float64."""
         self._check_fitted()
+        heads = self._head_score(logits, pooled, taps)
+        if self.guard_ is None:
+            return heads
+        hq, hs, gq, gs = self.union_
+        guard = self.guard_.torch_score(logits, pooled, taps)
+        return torch.logaddexp((heads - hq) / hs, (guard - gq) / gs)
+
+    def _head_score(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor:
         a = self._tensors(logits.device)
         v = self._vector(logits, pooled, taps)
         if v.shape[1] != a["mu_"].shape[0]:
@@ -156,6 +188,8 @@ class GateRobustDetector(Detector):
                 raise CsgguardError(f"csg-robust: {k} must be a positive integer, got {v!r}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
             raise CsgguardError(f"csg-robust: rounds must be an integer >= 0, got {self.rounds!r}")
+        if self.guard not in GUARDS:
+            raise CsgguardError(f"csg-robust: unknown guard {self.guard!r}; choose from {', '.join(GUARDS)}")
         if self._model is None or inputs is None:
             raise CsgguardError("csg-robust trains against attacks on itself: it needs the model (bind_model) and "
                                 "the fit images (inputs=); fit it through `csgguard evaluate` or the Python API")
@@ -175,6 +209,14 @@ class GateRobustDetector(Detector):
         self.mu_ = v_clean.mean(0).numpy()
         self.sd_ = np.maximum(v_clean.std(0).numpy(), 1e-6)
         pred = torch.from_numpy(clean.pred)
+        self.guard_ = None
+        if self.guard == "csg-clean":
+            from .gate import GateCleanDetector
+
+            self.guard_ = GateCleanDetector(fpr=self.fpr).fit(clean)
+            g = self.guard_.score_samples(clean)
+            self._guard_units = (float(np.quantile(g, 1 - self.fpr)), float(np.std(g)) or 1.0)
+        clean_rows = _as_torch(clean)
         pool_v, pool_p = [], []
         if adversarial is not None and len(adversarial):  # attacks a caller already made (evaluate's fit split)
             pool_v.append(self._vector(*_as_torch(adversarial)))
@@ -183,16 +225,15 @@ class GateRobustDetector(Detector):
         self.history_ = []
         for r in range(self.rounds + 1):
             ta = time.perf_counter()
-            v_adv, p_adv = self._attack_round(x[attack_rows], pred[attack_rows], budgets, adaptive=r > 0,
+            v_adv, p_adv, s_adv = self._attack_round(x[attack_rows], pred[attack_rows], budgets, adaptive=r > 0,
                                               seed=self.seed + 1000 * r, rng=rng)
             pool_v.append(v_adv)
             pool_p.append(p_adv)
             seconds_attack = time.perf_counter() - ta
             evaded = None
-            if r > 0 and len(v_adv):  # the new examples against the detector they were made for
-                s_adv = self._heads_on(v_adv, p_adv)
+            if r > 0 and len(s_adv):  # the new examples against the detector they were made for
                 evaded = float(np.mean(s_adv <= self.fit_threshold_))
-            self._train(v_clean, pred, torch.cat(pool_v), torch.cat(pool_p))
+            self._train(v_clean, pred, torch.cat(pool_v), torch.cat(pool_p), clean_rows)
             self.history_.append({"round": r, "adaptive": r > 0, "new_adversarial": int(len(v_adv)),
                                   "pool": int(sum(len(p) for p in pool_p)), "evaded_previous_detector": evaded,
                                   "attack_seconds": round(seconds_attack, 3)})
@@ -228,7 +269,7 @@ class GateRobustDetector(Detector):
         else:
             ctx, w0 = Context(_unconfidence, float("inf"), 1.0, [], []), 0.0
             losses = {False: MarginDetectorLoss(kappa=1e3)}
-        out_v, out_p = [], []
+        out_v, out_p, out_s = [], [], []
         try:
             for e in sorted(set(eps.tolist())):
                 for tg, loss in losses.items():
@@ -243,22 +284,21 @@ class GateRobustDetector(Detector):
                         if ok.any():
                             with torch.no_grad():
                                 o = model.forward_signals(xa[ok])
-                            out_v.append(self._vector(o.logits.cpu(), o.pooled.cpu(), [t.cpu() for t in o.taps]))
-                            out_p.append(o.logits.argmax(1).cpu())
+                                taps = [t.cpu() for t in o.taps]
+                                out_v.append(self._vector(o.logits.cpu(), o.pooled.cpu(), taps))
+                                out_p.append(o.logits.argmax(1).cpu())
+                                if adaptive:  # scored by the detector they were made against
+                                    out_s.append(self.torch_score(o.logits.cpu(), o.pooled.cpu(), taps).numpy())
         finally:
             for p, f in zip(model.parameters(), flags, strict=True):
                 p.requires_grad_(f)
             model.train(was_training)
         if not out_v:
-            return torch.zeros((0, len(self.mu_)), dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
-        return torch.cat(out_v), torch.cat(out_p)
+            return (torch.zeros((0, len(self.mu_)), dtype=torch.float64), torch.zeros(0, dtype=torch.int64),
+                    np.zeros(0))
+        return torch.cat(out_v), torch.cat(out_p), np.concatenate(out_s) if out_s else np.zeros(0)
 
-    def _heads_on(self, v: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
-        a = self._tensors("cpu")
-        with torch.no_grad():
-            return _heads(a, (v - a["mu_"]) / a["sd_"], pred).numpy()
-
-    def _train(self, v_clean, p_clean, v_adv, p_adv) -> None:
+    def _train(self, v_clean, p_clean, v_adv, p_adv, clean_rows) -> None:
         """Full-batch Adam on clean (0) vs pooled adversarial (1), each row through its predicted class's head,
         classes and sides balanced."""
         mu, sd = torch.from_numpy(self.mu_), torch.from_numpy(self.sd_)
@@ -292,26 +332,37 @@ class GateRobustDetector(Detector):
             setattr(self, k, t.detach().numpy().copy())
         self._torch = {}
         self.fitted_ = True
-        s = self._heads_on(v_clean, p_clean)
+        with torch.no_grad():
+            if self.guard_ is not None:  # the heads' clean units, then the union's
+                h = self._head_score(*clean_rows).numpy()
+                self.union_ = (float(np.quantile(h, 1 - self.fpr)), float(np.std(h)) or 1.0, *self._guard_units)
+            s = self.torch_score(*clean_rows).numpy()
         self.fit_threshold_ = float(np.quantile(s, 1 - self.fpr))
         self.fit_scale_ = float(np.std(s)) or 1.0
 
     # -- persistence ----------------------------------------------------------
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays = {k: np.asarray(getattr(self, k), dtype=np.float64) for k in ("mu_", "sd_", "w1_", "b1_", "w2_",
-                                                                              "b2_")}
-        return arrays, {"blocks_": self.blocks_, "n_taps_": int(self.n_taps_), "num_classes_": int(self.num_classes_),
-                        "history_": getattr(self, "history_", []), "budgets_": getattr(self, "budgets_", []),
-                        "train_seconds_": float(getattr(self, "train_seconds_", 0.0))}
+        arrays = {k: np.asarray(getattr(self, k), dtype=np.float64) for k in _HEAD_ARRAYS}
+        extra = {"blocks_": self.blocks_, "n_taps_": int(self.n_taps_), "num_classes_": int(self.num_classes_),
+                 "history_": getattr(self, "history_", []), "budgets_": getattr(self, "budgets_", []),
+                 "train_seconds_": float(getattr(self, "train_seconds_", 0.0))}
+        if self.guard_ is not None:
+            g_arrays, g_extra = self.guard_.state()
+            arrays.update({_GUARD_PREFIX + k: v for k, v in g_arrays.items()})
+            extra.update({"guard_params_": self.guard_.get_params(), "guard_state_": g_extra,
+                          "union_": list(self.union_)})
+        return arrays, extra
 
     def _load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
-        missing = [k for k in ("mu_", "sd_", "w1_", "b1_", "w2_", "b2_") if k not in arrays]
+        missing = [k for k in _HEAD_ARRAYS if k not in arrays]
         if missing:
             raise CsgguardError(f"detector state lacks arrays {', '.join(missing)}")
+        if self.guard not in GUARDS:
+            raise CsgguardError(f"csg-robust: unknown guard {self.guard!r}")
         self.blocks_ = list(_parse_blocks(extra.get("blocks_", [])))
         self.n_taps_ = int(extra.get("n_taps_", 0))
         self.num_classes_ = int(extra.get("num_classes_", 0))
-        for k in ("mu_", "sd_", "w1_", "b1_", "w2_", "b2_"):
+        for k in _HEAD_ARRAYS:
             setattr(self, k, np.asarray(arrays[k], dtype=np.float64))
         d = self.mu_.shape[0]
         c, h = self.num_classes_, self.w1_.shape[-1] if self.w1_.ndim == 3 else -1
@@ -323,6 +374,20 @@ class GateRobustDetector(Detector):
         self.budgets_ = extra.get("budgets_", [])
         self.train_seconds_ = float(extra.get("train_seconds_", 0.0))
         self._torch = {}
+        self.guard_ = None
+        if self.guard == "csg-clean":
+            from .gate import GateCleanDetector
+
+            union = extra.get("union_")
+            if not (isinstance(union, list) and len(union) == 4 and all(isinstance(u, (int, float)) for u in union)
+                    and union[1] > 0 and union[3] > 0):
+                raise CsgguardError("csg-robust state lacks a valid union_ (four numbers, positive scales)")
+            g_arrays = {k[len(_GUARD_PREFIX):]: v for k, v in arrays.items() if k.startswith(_GUARD_PREFIX)}
+            params = extra.get("guard_params_")
+            if not isinstance(params, dict):
+                raise CsgguardError("csg-robust state lacks its guard's parameters")
+            self.guard_ = GateCleanDetector.from_state(params, g_arrays, dict(extra.get("guard_state_") or {}))
+            self.union_ = tuple(float(u) for u in union)
 
 
 def _heads(a: dict[str, torch.Tensor], u: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:

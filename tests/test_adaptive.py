@@ -147,6 +147,45 @@ def test_csg_robust_fits_scores_and_roundtrips(digits, tmp_path):
         build_detector("csg-robust").fit(fit)
 
 
+def test_csg_robust_guard_is_the_union_with_csg_clean(digits, tmp_path):
+    """With the clean guard the score is the soft maximum of the heads and a csg-clean fitted on the same clean
+    images, each in its clean units; an input csg-clean finds far off is flagged whatever the heads say; guard
+    'none' is the heads alone, and a state without the parameter (older files) loads as 'none'."""
+    from csgguard.detectors.robust import GateRobustDetector
+    from csgguard.detectors.store import load_detector, save_detector
+
+    model, ds, fit, x_fit, val = digits
+    kw = dict(rounds=0, steps=3, limit=100, epochs=40, hidden=8)
+    det = build_detector("csg-robust", **kw).bind_model(model).fit(fit, inputs=x_fit).calibrate(val)
+    bare = build_detector("csg-robust", guard="none", **kw).bind_model(model).fit(fit, inputs=x_fit).calibrate(val)
+    assert det.guard_ is not None and bare.guard_ is None
+    feats = extract_features(model, ds.test.x()[:60])
+    np.testing.assert_allclose(det._head_score(*_rows(feats)).numpy(), bare.score_samples(feats), rtol=1e-9)
+    hq, hs, gq, gs = det.union_
+    clean_only = build_detector("csg-clean").fit(fit)
+    expected = np.logaddexp((bare.score_samples(feats) - hq) / hs, (clean_only.score_samples(feats) - gq) / gs)
+    np.testing.assert_allclose(det.score_samples(feats), expected, rtol=1e-9, atol=1e-9)
+    # an image far from every clean class (pure noise) is flagged by the union
+    noise = extract_features(model, torch.rand((20, *ds.test.x().shape[1:]), generator=torch.Generator().manual_seed(0)))
+    assert det.predict(noise).mean() >= clean_only.calibrate(val).predict(noise).mean() - 0.05
+    assert det.predict(noise).mean() > 0.5
+    save_detector(det, tmp_path, model_sha256="b" * 64)
+    again = load_detector(tmp_path, model_sha256="b" * 64)
+    np.testing.assert_array_equal(again.score_samples(feats), det.score_samples(feats))
+    arrays, extra = bare.state()
+    params = {k: v for k, v in bare.get_params().items() if k != "guard"}
+    old = GateRobustDetector.from_state(params, arrays, extra)
+    assert old.guard == "none" and np.array_equal(old.score_samples(feats), bare.score_samples(feats))
+    with pytest.raises(CsgguardError, match="unknown guard"):
+        build_detector("csg-robust", guard="lid").bind_model(model).fit(fit, inputs=x_fit)
+
+
+def _rows(f):
+    return (torch.from_numpy(np.asarray(f.logits, dtype=np.float64)),
+            torch.from_numpy(np.asarray(f.pooled, dtype=np.float64)),
+            [torch.from_numpy(np.asarray(t, dtype=np.float64)) for t in f.taps])
+
+
 def test_cli_attack_adaptive_saves_a_set_against_the_run_detector(fitted_run):
     from click.testing import CliRunner
 
