@@ -148,6 +148,10 @@ class GateRobustDetector(Detector):
                 parts.append(logits.double())
         return torch.cat(parts, 1)
 
+    def _check_guard(self) -> None:
+        if self.guard not in GUARDS:
+            raise CsgguardError(f"csg-robust: unknown guard {self.guard!r}; choose from {', '.join(GUARDS)}")
+
     @classmethod
     def from_state(cls, params, arrays, extra):
         # files written before ``guard`` existed hold the heads alone
@@ -188,8 +192,7 @@ class GateRobustDetector(Detector):
                 raise CsgguardError(f"csg-robust: {k} must be a positive integer, got {v!r}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
             raise CsgguardError(f"csg-robust: rounds must be an integer >= 0, got {self.rounds!r}")
-        if self.guard not in GUARDS:
-            raise CsgguardError(f"csg-robust: unknown guard {self.guard!r}; choose from {', '.join(GUARDS)}")
+        self._check_guard()
         if self._model is None or inputs is None:
             raise CsgguardError("csg-robust trains against attacks on itself: it needs the model (bind_model) and "
                                 "the fit images (inputs=); fit it through `csgguard evaluate` or the Python API")
@@ -205,7 +208,8 @@ class GateRobustDetector(Detector):
         rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
 
-        v_clean = self._vector(*_as_torch(clean))
+        clean_rows = _as_torch(clean)
+        v_clean = self._vector(*clean_rows)
         self.mu_ = v_clean.mean(0).numpy()
         self.sd_ = np.maximum(v_clean.std(0).numpy(), 1e-6)
         pred = torch.from_numpy(clean.pred)
@@ -215,8 +219,7 @@ class GateRobustDetector(Detector):
 
             self.guard_ = GateCleanDetector(fpr=self.fpr).fit(clean)
             g = self.guard_.score_samples(clean)
-            self._guard_units = (float(np.quantile(g, 1 - self.fpr)), float(np.std(g)) or 1.0)
-        clean_rows = _as_torch(clean)
+            self._guard_units = self._clean_units(g)
         pool_v, pool_p = [], []
         if adversarial is not None and len(adversarial):  # attacks a caller already made (evaluate's fit split)
             pool_v.append(self._vector(*_as_torch(adversarial)))
@@ -335,10 +338,13 @@ class GateRobustDetector(Detector):
         with torch.no_grad():
             if self.guard_ is not None:  # the heads' clean units, then the union's
                 h = self._head_score(*clean_rows).numpy()
-                self.union_ = (float(np.quantile(h, 1 - self.fpr)), float(np.std(h)) or 1.0, *self._guard_units)
-            s = self.torch_score(*clean_rows).numpy()
-        self.fit_threshold_ = float(np.quantile(s, 1 - self.fpr))
-        self.fit_scale_ = float(np.std(s)) or 1.0
+                self.union_ = (*self._clean_units(h), *self._guard_units)
+            self.fit_threshold_, self.fit_scale_ = self._clean_units(self.torch_score(*clean_rows).numpy())
+
+    def _clean_units(self, clean_scores: np.ndarray) -> tuple[float, float]:
+        """(``1 - fpr`` quantile, standard deviation) of clean fit scores: the union's units, and the
+        operating point and scale the adaptive rounds attack."""
+        return float(np.quantile(clean_scores, 1 - self.fpr)), float(np.std(clean_scores)) or 1.0
 
     # -- persistence ----------------------------------------------------------
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -357,8 +363,7 @@ class GateRobustDetector(Detector):
         missing = [k for k in _HEAD_ARRAYS if k not in arrays]
         if missing:
             raise CsgguardError(f"detector state lacks arrays {', '.join(missing)}")
-        if self.guard not in GUARDS:
-            raise CsgguardError(f"csg-robust: unknown guard {self.guard!r}")
+        self._check_guard()
         self.blocks_ = list(_parse_blocks(extra.get("blocks_", [])))
         self.n_taps_ = int(extra.get("n_taps_", 0))
         self.num_classes_ = int(extra.get("num_classes_", 0))

@@ -151,7 +151,7 @@ def test_csg_robust_guard_is_the_union_with_csg_clean(digits, tmp_path):
     """With the clean guard the score is the soft maximum of the heads and a csg-clean fitted on the same clean
     images, each in its clean units; an input csg-clean finds far off is flagged whatever the heads say; guard
     'none' is the heads alone, and a state without the parameter (older files) loads as 'none'."""
-    from csgguard.detectors.robust import GateRobustDetector
+    from csgguard.detectors.robust import GateRobustDetector, _as_torch
     from csgguard.detectors.store import load_detector, save_detector
 
     model, ds, fit, x_fit, val = digits
@@ -160,7 +160,7 @@ def test_csg_robust_guard_is_the_union_with_csg_clean(digits, tmp_path):
     bare = build_detector("csg-robust", guard="none", **kw).bind_model(model).fit(fit, inputs=x_fit).calibrate(val)
     assert det.guard_ is not None and bare.guard_ is None
     feats = extract_features(model, ds.test.x()[:60])
-    np.testing.assert_allclose(det._head_score(*_rows(feats)).numpy(), bare.score_samples(feats), rtol=1e-9)
+    np.testing.assert_allclose(det._head_score(*_as_torch(feats)).numpy(), bare.score_samples(feats), rtol=1e-9)
     hq, hs, gq, gs = det.union_
     clean_only = build_detector("csg-clean").fit(fit)
     expected = np.logaddexp((bare.score_samples(feats) - hq) / hs, (clean_only.score_samples(feats) - gq) / gs)
@@ -178,12 +178,6 @@ def test_csg_robust_guard_is_the_union_with_csg_clean(digits, tmp_path):
     assert old.guard == "none" and np.array_equal(old.score_samples(feats), bare.score_samples(feats))
     with pytest.raises(CsgguardError, match="unknown guard"):
         build_detector("csg-robust", guard="lid").bind_model(model).fit(fit, inputs=x_fit)
-
-
-def _rows(f):
-    return (torch.from_numpy(np.asarray(f.logits, dtype=np.float64)),
-            torch.from_numpy(np.asarray(f.pooled, dtype=np.float64)),
-            [torch.from_numpy(np.asarray(t, dtype=np.float64)) for t in f.taps])
 
 
 def test_cli_attack_adaptive_saves_a_set_against_the_run_detector(fitted_run):
