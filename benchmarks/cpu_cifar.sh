@@ -4,16 +4,18 @@
 # The unfinished run is committed under benchmarks/cpu-runs/ so it survives the machine.
 #   OMP_NUM_THREADS=1 bash benchmarks/cpu_cifar.sh [CIFAR_ROOT]     (default ../shared/data/cifar10-jpeg)
 #   EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh             (a longer schedule: ...-csg-e200)
+#   TAG=cutout16 EXTRA="--cutout 16" KINDS=csg bash benchmarks/cpu_cifar.sh   (a recipe variant: ...-csg-cutout16)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifar10-jpeg}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 EPOCHS=${EPOCHS:-}
+TAG=${TAG:-}
 for kind in ${KINDS:-csg std}; do
-  out=benchmarks/cpu-runs/cifar10-resnet20-$kind${EPOCHS:+-e$EPOCHS}
+  out=benchmarks/cpu-runs/cifar10-resnet20-$kind${EPOCHS:+-e$EPOCHS}${TAG:+-$TAG}
   flag=$([ $kind = std ] && echo --no-gate || echo --gate)
   [ -f $out/summary.json ] && continue
   res=$([ -f $out/checkpoint.safetensors ] && echo --resume || true)
   .venv/bin/csgguard train --data cifar10 --data-root "$DATA" $flag --out $out $res ${EPOCHS:+--epochs $EPOCHS} \
-    --format json --no-progress
+    ${EXTRA:-} --format json --no-progress
 done

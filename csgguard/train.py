@@ -109,6 +109,7 @@ class TrainConfig:
     lam: float = 1e-3                     # sparsity weight lambda
     joint_weight: float = 1.0             # lambda1 for schedule=joint
     augment: bool | None = None
+    cutout: int = 0                       # side of a square erased at a random place per image (0 = off)
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -155,6 +156,8 @@ class TrainConfig:
             raise CsgguardError(f"unknown --lr-schedule {self.lr_schedule!r}; choose {' or '.join(LR_SCHEDULES)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise CsgguardError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.cutout < 0:
+            raise CsgguardError(f"--cutout must be >= 0 pixels, got {self.cutout}")
         if not 0 < self.density <= 1:
             raise CsgguardError(f"--density must be in (0, 1], got {self.density}")
         if self.period is not None and self.csg_from is not None and not 0 <= self.csg_from < self.period:
@@ -221,6 +224,7 @@ class Trainer:
         milestones = sorted({max(1, int(round(f * cfg.epochs))) for f in cfg.milestones})
         self.milestones = milestones
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.fill = torch.tensor(ds.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)  # cutout's fill
         # what the training steps call: the model itself, or its DDP wrapper under torchrun
         # (a gated model's STD epochs leave the gate out of the graph: DDP must know)
         self.net = wrap_model(self.model, device, dist, find_unused=self.model.gate is not None)
@@ -253,7 +257,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        """Random crop with 4-pixel zero padding + horizontal flip (the CIFAR recipe)."""
+        """Random crop with 4-pixel zero padding + horizontal flip (the CIFAR recipe), then cutout if set."""
         n, _, h, w = x.shape
         flip = (torch.rand(n, generator=self.generator) < 0.5).to(x.device, non_blocking=True)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -264,7 +268,23 @@ class Trainer:
         cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
         batch = torch.arange(n, device=x.device)[:, None, None, None]
         chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-        return padded[batch, chans, rows, cols]
+        x = padded[batch, chans, rows, cols]
+        return self._cutout(x) if self.cfg.cutout else x
+
+    def _cutout(self, x: torch.Tensor) -> torch.Tensor:
+        """Cutout (DeVries & Taylor 2017): a ``cutout``-pixel square, centred anywhere (so it may
+        hang over the border), set to the dataset mean -- the regulariser for a network that
+        otherwise fits its training images exactly."""
+        n, _, h, w = x.shape
+        centres = torch.stack([torch.randint(0, h, (n,), generator=self.generator),
+                               torch.randint(0, w, (n,), generator=self.generator)]).to(x.device, non_blocking=True)
+        lo, hi = self.cfg.cutout // 2, (self.cfg.cutout + 1) // 2
+        rows = torch.arange(h, device=x.device)[None, :]
+        cols = torch.arange(w, device=x.device)[None, :]
+        in_rows = (rows >= centres[0][:, None] - lo) & (rows < centres[0][:, None] + hi)
+        in_cols = (cols >= centres[1][:, None] - lo) & (cols < centres[1][:, None] + hi)
+        hole = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+        return torch.where(hole, self.fill.to(x.dtype), x)
 
     def run_epoch(self, epoch: int, progress=None, task=None) -> dict[str, float]:
         cfg, model = self.cfg, self.model

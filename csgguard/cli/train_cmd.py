@@ -95,6 +95,8 @@ def _describe_split(data: str) -> None:
 @click.option("--density", type=FiniteFloat(0.0, 1.0, low_open=True), default=0.2, show_default=True, help="Target gate L1-density d.")
 @click.option("--lam", type=NON_NEGATIVE, default=1e-3, show_default=True, help="Sparsity hinge weight lambda.")
 @click.option("--augment/--no-augment", default=None, help="Random crop + flip (default on for cifar10).")
+@click.option("--cutout", type=NON_NEGATIVE_INT, default=0, show_default=True,
+              help="With --augment: erase a square of this many pixels per image (16 on CIFAR-10; 0 = off).")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @device_option
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (+ channels-last) where the device runs bf16 natively: CUDA, or a CPU "
@@ -107,7 +109,7 @@ def _describe_split(data: str) -> None:
 @format_option()
 @progress_option
 def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, optimizer, lr, csg_lr, gate_lr,
-                  weight_decay, lr_schedule, lr_warmup_epochs, label_smoothing, schedule, warmup, period, csg_from, density, lam, augment, seed, device, amp,
+                  weight_decay, lr_schedule, lr_warmup_epochs, label_smoothing, schedule, warmup, period, csg_from, density, lam, augment, cutout, seed, device, amp,
                   sync_bn, train_limit, resume, fmt, progress):
     """Train a CNN with a Class-Specific Gate (or the STD baseline with --no-gate).
 
@@ -125,7 +127,7 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
     used as the train and test splits; a flat class-per-folder tree is split 80/20
     (stratified, seed 0). Either way 10% of train becomes the validation split. The
     recipe is mnist's (small_cnn, adam, lr 1e-3, 6 epochs) unless --arch resnet20 or
-    resnet32 selects cifar10's (sgd 0.1, cosine, 40 epochs); every value can be set.
+    resnet32 selects cifar10's (sgd 0.1, cosine, 100 epochs); every value can be set.
     The split sizes are printed before training starts.
 
     Prints the summary (test_accuracy, gate_density, mis, epochs, seconds).
@@ -140,7 +142,7 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
                       batch_size=batch_size, optimizer=optimizer, lr=lr, csg_lr=csg_lr, gate_lr=gate_lr,
                       weight_decay=weight_decay, lr_schedule=lr_schedule, lr_warmup_epochs=lr_warmup_epochs,
                       label_smoothing=label_smoothing, schedule=schedule, warmup=warmup, period=period,
-                      csg_from=csg_from, density=density, lam=lam, augment=augment, seed=seed, device=device,
+                      csg_from=csg_from, density=density, lam=lam, augment=augment, cutout=cutout, seed=seed, device=device,
                       amp=amp, sync_bn=sync_bn, train_limit=train_limit)
     lock = folder_lock(out, "train") if is_main_process() else contextlib.nullcontext()
     with lock:
