@@ -54,6 +54,37 @@ def test_csg_step_keeps_gate_normalised():
     assert torch.allclose(g.amax(1), torch.ones(g.shape[0]))
 
 
+def test_augment_crops_flips_and_cuts_out_one_square_per_image():
+    """The on-tensor CIFAR augmentation: crop + flip keep the images' content (a constant image
+    stays constant away from the zero padding); cutout then sets one square of at most
+    ``cutout`` x ``cutout`` pixels (less where it hangs over the border) to the dataset mean,
+    a different place per image; cutout=0 draws nothing extra."""
+    from csgguard import load_dataset
+
+    ds = load_dataset("digits")
+    x = torch.ones(64, 1, 8, 8)
+    plain = Trainer(TrainConfig(data="digits", augment=True).resolved(), ds, torch.device("cpu"))
+    cut = Trainer(TrainConfig(data="digits", augment=True, cutout=4).resolved(), ds, torch.device("cpu"))
+    a, b = plain._augment(x), cut._augment(x)
+    assert set(a.unique().tolist()) <= {0.0, 1.0}  # content or padding, nothing else
+    fill = float(ds.mean[0])
+    holes = (b - fill).abs() < 1e-7
+    assert holes.any(dim=(1, 2, 3)).float().mean() > 0.9  # almost every image has a hole on the canvas
+    sizes = holes.sum(dim=(1, 2, 3))
+    assert int(sizes.max()) <= 16 and int(sizes.max()) == 16
+    for img in holes[:, 0]:  # the hole is one axis-aligned rectangle
+        rows, cols = img.any(1).nonzero()[:, 0], img.any(0).nonzero()[:, 0]
+        if len(rows):
+            assert int(img.sum()) == len(rows) * len(cols)
+            assert int(rows[-1] - rows[0]) + 1 == len(rows) <= 4 and int(cols[-1] - cols[0]) + 1 == len(cols) <= 4
+    assert len({tuple(h.nonzero()[0].tolist()) for h in holes[:, 0] if h.any()}) > 5  # placed per image
+    # same seed, no cutout: the generator is left where plain augmentation leaves it
+    again = Trainer(TrainConfig(data="digits", augment=True).resolved(), ds, torch.device("cpu"))
+    assert torch.equal(again._augment(x), a)
+    with pytest.raises(CsgguardError, match="--cutout"):
+        TrainConfig(cutout=-1).validate()
+
+
 def test_seeded_runs_are_reproducible(tmp_path):
     a = train(TrainConfig(data="digits", epochs=3, seed=3), tmp_path / "a", progress=False)
     b = train(TrainConfig(data="digits", epochs=3, seed=3), tmp_path / "b", progress=False)
