@@ -22,7 +22,9 @@ outside the training range) they can see less than the clean-only ``csg-clean``
 does. So the score is the union of both: a soft maximum (log-sum-exp) of the heads'
 log-odds and a ``csg-clean`` score fitted on the same clean images, each put in units
 of its own clean spread (its ``1 - fpr`` clean quantile subtracted, divided by its clean
-standard deviation). An input is flagged when either part finds it atypical, and every
+standard deviation). With ``units="cross-fit"`` those clean figures are out-of-fold: a
+head scores its own training images far lower than images it has not seen, and units
+taken on them (``"in-sample"``) can let the heads' part swamp the union on new clean images. An input is flagged when either part finds it atypical, and every
 adaptive round -- and any adaptive attacker -- differentiates the union, so an
 example must evade both to pass. ``guard="none"`` keeps the heads alone (files saved
 before the guard existed load that way).
@@ -52,6 +54,9 @@ from .base import Detector
 
 BLOCKS = ("pooled", "taps", "logits")
 GUARDS = ("csg-clean", "none")
+UNITS = ("cross-fit", "in-sample")
+#: folds of the cross-fitted clean units
+UNIT_FOLDS = 5
 _HEAD_ARRAYS = ("mu_", "sd_", "w1_", "b1_", "w2_", "b2_")
 #: prefix of the guard's arrays inside the detector file
 _GUARD_PREFIX = "guard."
@@ -92,6 +97,10 @@ class GateRobustDetector(Detector):
     epochs, lr, weight_decay : full-batch Adam on the pool, per (re)fit.
     guard : ``csg-clean`` (flag what either the heads or a clean-only ``csg-clean`` finds atypical;
         see the module docstring) or ``none`` (the heads alone).
+    units : where each part's clean units (and the fit-time operating point the adaptive rounds
+        attack) come from: ``cross-fit`` (out-of-fold scores: each clean fit image scored by
+        heads and guard fitted without it, 5 folds) or ``in-sample`` (the fit images' own
+        scores; files saved before the parameter existed load so).
     seed : attack starts, budgets, targets and initialisation.
     fpr : target false-positive rate for :meth:`calibrate`.
     """
@@ -105,7 +114,7 @@ class GateRobustDetector(Detector):
     def __init__(self, *, inputs: str = "pooled,taps,logits", hidden: int = 64, rounds: int = 3,
                  train_eps: str | Sequence[float] | None = None, steps: int = 20, limit: int = 2000,
                  epochs: int = 300, lr: float = 0.01, weight_decay: float = 1e-4, guard: str = "csg-clean",
-                 seed: int = 0, batch_size: int = 256, fpr: float = 0.05) -> None:
+                 units: str = "in-sample", seed: int = 0, batch_size: int = 256, fpr: float = 0.05) -> None:
         super().__init__(fpr=fpr)
         self.inputs = inputs
         self.hidden = hidden
@@ -117,6 +126,7 @@ class GateRobustDetector(Detector):
         self.lr = lr
         self.weight_decay = weight_decay
         self.guard = guard
+        self.units = units
         self.seed = seed
         self.batch_size = batch_size
         self._model = None
@@ -151,11 +161,13 @@ class GateRobustDetector(Detector):
     def _check_guard(self) -> None:
         if self.guard not in GUARDS:
             raise CsgguardError(f"csg-robust: unknown guard {self.guard!r}; choose from {', '.join(GUARDS)}")
+        if self.units not in UNITS:
+            raise CsgguardError(f"csg-robust: unknown units {self.units!r}; choose from {', '.join(UNITS)}")
 
     @classmethod
     def from_state(cls, params, arrays, extra):
-        # files written before ``guard`` existed hold the heads alone
-        return super().from_state({"guard": "none", **params}, arrays, extra)
+        # files written before ``guard`` existed hold the heads alone; before ``units``, in-sample units
+        return super().from_state({"guard": "none", "units": "in-sample", **params}, arrays, extra)
 
     def torch_score(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor:
         """The score: the predicted class's head log-odds of "adversarial", in union with the clean
@@ -213,13 +225,23 @@ class GateRobustDetector(Detector):
         self.mu_ = v_clean.mean(0).numpy()
         self.sd_ = np.maximum(v_clean.std(0).numpy(), 1e-6)
         pred = torch.from_numpy(clean.pred)
-        self.guard_ = None
+        # cross-fit: every clean fit image's fold; its units come from parts fitted without its fold
+        self._folds = _stratified_folds(clean.pred, np.random.default_rng(self.seed + 1)) \
+            if self.units == "cross-fit" else None
+        self.guard_, self._guard_clean = None, None
         if self.guard == "csg-clean":
             from .gate import GateCleanDetector
 
             self.guard_ = GateCleanDetector(fpr=self.fpr).fit(clean)
-            g = self.guard_.score_samples(clean)
-            self._guard_units = self._clean_units(g)
+            if self._folds is None:
+                self._guard_clean = self.guard_.score_samples(clean)
+            else:
+                self._guard_clean = np.empty(len(clean))
+                for k in range(UNIT_FOLDS):
+                    out = self._folds == k
+                    part = GateCleanDetector(fpr=self.fpr).fit(clean.subset(np.flatnonzero(~out)))
+                    self._guard_clean[out] = part.score_samples(clean.subset(np.flatnonzero(out)))
+            self._guard_units = self._clean_units(self._guard_clean)
         pool_v, pool_p = [], []
         if adversarial is not None and len(adversarial):  # attacks a caller already made (evaluate's fit split)
             pool_v.append(self._vector(*_as_torch(adversarial)))
@@ -242,6 +264,7 @@ class GateRobustDetector(Detector):
                                   "attack_seconds": round(seconds_attack, 3)})
         self.train_seconds_ = time.perf_counter() - t0
         self.budgets_ = list(budgets)
+        del self._folds, self._guard_clean  # fit-time scratch
 
     def _attack_round(self, x: torch.Tensor, y: torch.Tensor, budgets, *, adaptive: bool, seed: int, rng):
         """Fit images moved into other classes, at budgets drawn from ``budgets``.
@@ -302,6 +325,31 @@ class GateRobustDetector(Detector):
         return torch.cat(out_v), torch.cat(out_p), np.concatenate(out_s) if out_s else np.zeros(0)
 
     def _train(self, v_clean, p_clean, v_adv, p_adv, clean_rows) -> None:
+        """Fit the heads on the whole pool, then the clean units: of the union's parts and of the
+        union itself (the operating point and scale the next adaptive round attacks)."""
+        for k, t in self._fit_heads(v_clean, p_clean, v_adv, p_adv).items():
+            setattr(self, k, t.numpy().copy())
+        self._torch = {}
+        self.fitted_ = True
+        mu, sd = torch.from_numpy(self.mu_), torch.from_numpy(self.sd_)
+        with torch.no_grad():
+            if self._folds is None:
+                h = self._head_score(*clean_rows).numpy()
+            else:  # each clean row through heads fitted without its fold (adversarial pool kept whole)
+                h = np.empty(len(v_clean))
+                for k in range(UNIT_FOLDS):
+                    out = torch.from_numpy(self._folds == k)
+                    part = self._fit_heads(v_clean[~out], p_clean[~out], v_adv, p_adv)
+                    h[out.numpy()] = _heads(part, (v_clean[out] - mu) / sd, p_clean[out]).numpy()
+        if self.guard_ is None:
+            union = h
+        else:
+            self.union_ = (*self._clean_units(h), *self._guard_units)
+            hq, hs, gq, gs = self.union_
+            union = np.logaddexp((h - hq) / hs, (self._guard_clean - gq) / gs)
+        self.fit_threshold_, self.fit_scale_ = self._clean_units(union)
+
+    def _fit_heads(self, v_clean, p_clean, v_adv, p_adv) -> dict[str, torch.Tensor]:
         """Full-batch Adam on clean (0) vs pooled adversarial (1), each row through its predicted class's head,
         classes and sides balanced."""
         mu, sd = torch.from_numpy(self.mu_), torch.from_numpy(self.sd_)
@@ -331,15 +379,7 @@ class GateRobustDetector(Detector):
                 loss = (torch.nn.functional.binary_cross_entropy_with_logits(z, lab, reduction="none") * weight).sum()
                 loss.backward()
                 opt.step()
-        for k, t in params.items():
-            setattr(self, k, t.detach().numpy().copy())
-        self._torch = {}
-        self.fitted_ = True
-        with torch.no_grad():
-            if self.guard_ is not None:  # the heads' clean units, then the union's
-                h = self._head_score(*clean_rows).numpy()
-                self.union_ = (*self._clean_units(h), *self._guard_units)
-            self.fit_threshold_, self.fit_scale_ = self._clean_units(self.torch_score(*clean_rows).numpy())
+        return {k: t.detach() for k, t in params.items()}
 
     def _clean_units(self, clean_scores: np.ndarray) -> tuple[float, float]:
         """(``1 - fpr`` quantile, standard deviation) of clean fit scores: the union's units, and the
@@ -393,6 +433,16 @@ class GateRobustDetector(Detector):
                 raise CsgguardError("csg-robust state lacks its guard's parameters")
             self.guard_ = GateCleanDetector.from_state(params, g_arrays, dict(extra.get("guard_state_") or {}))
             self.union_ = tuple(float(u) for u in union)
+
+
+def _stratified_folds(pred: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A fold (0 .. UNIT_FOLDS - 1) per row, dealt round-robin within each predicted class in a random
+    order, so every fold's complement holds every class that has two rows or more."""
+    folds = np.empty(len(pred), dtype=np.int64)
+    for c in np.unique(pred):
+        rows = rng.permutation(np.flatnonzero(pred == c))
+        folds[rows] = (np.arange(len(rows)) + int(rng.integers(UNIT_FOLDS))) % UNIT_FOLDS
+    return folds
 
 
 def _heads(a: dict[str, torch.Tensor], u: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:

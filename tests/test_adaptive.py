@@ -180,6 +180,34 @@ def test_csg_robust_guard_is_the_union_with_csg_clean(digits, tmp_path):
         build_detector("csg-robust", guard="lid").bind_model(model).fit(fit, inputs=x_fit)
 
 
+def test_csg_robust_cross_fitted_units_match_unseen_clean_images(digits):
+    """Heads that fit their clean images closely score those images lower than clean images they never
+    saw; units="cross-fit" takes each part's clean units from out-of-fold scores, so its heads' 95% clean
+    quantile lands near the one on unseen clean images where the in-sample one falls short. Folds are
+    stratified by predicted class; an unknown value is refused; files without the parameter load as
+    in-sample."""
+    from csgguard.detectors.robust import UNIT_FOLDS, GateRobustDetector, _as_torch, _stratified_folds
+
+    model, ds, fit, x_fit, val = digits
+    folds = _stratified_folds(fit.pred, np.random.default_rng(0))
+    for c in np.unique(fit.pred):
+        counts = np.bincount(folds[fit.pred == c], minlength=UNIT_FOLDS)
+        assert counts.max() - counts.min() <= 1
+    kw = dict(rounds=0, steps=3, limit=100, epochs=300, hidden=64, weight_decay=0.0, lr=0.03)
+    dets = {u: build_detector("csg-robust", units=u, **kw).bind_model(model).fit(fit, inputs=x_fit)
+            for u in ("in-sample", "cross-fit")}
+    np.testing.assert_array_equal(dets["in-sample"].w1_, dets["cross-fit"].w1_)  # the same heads either way
+    unseen = np.quantile(dets["in-sample"]._head_score(*_as_torch(val)).numpy(), 0.95)
+    err = {u: abs(d.union_[0] - unseen) for u, d in dets.items()}
+    assert err["cross-fit"] < 0.8 * err["in-sample"], (err, unseen)
+    assert dets["cross-fit"].union_[0] > dets["in-sample"].union_[0]  # own images look cleaner than unseen ones
+    arrays, extra = dets["in-sample"].state()
+    params = {k: v for k, v in dets["in-sample"].get_params().items() if k != "units"}
+    assert GateRobustDetector.from_state(params, arrays, extra).units == "in-sample"
+    with pytest.raises(CsgguardError, match="unknown units"):
+        build_detector("csg-robust", units="oracle").bind_model(model).fit(fit, inputs=x_fit)
+
+
 def test_cli_attack_adaptive_saves_a_set_against_the_run_detector(fitted_run):
     from click.testing import CliRunner
 
