@@ -24,7 +24,8 @@ log-odds and a ``csg-clean`` score fitted on the same clean images, each put in 
 of its own clean spread (its ``1 - fpr`` clean quantile subtracted, divided by its clean
 standard deviation). With ``units="cross-fit"`` those clean figures are out-of-fold: a
 head scores its own training images far lower than images it has not seen, and units
-taken on them (``"in-sample"``) can let the heads' part swamp the union on new clean images. An input is flagged when either part finds it atypical, and every
+taken on them (``"in-sample"``, the default) can let the heads' part swamp the union on
+new clean images. An input is flagged when either part finds it atypical, and every
 adaptive round -- and any adaptive attacker -- differentiates the union, so an
 example must evade both to pass. ``guard="none"`` keeps the heads alone (files saved
 before the guard existed load that way).
