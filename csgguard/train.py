@@ -69,14 +69,14 @@ from .progress import make_progress
 # cores and MNIST / CIFAR-10 follow standard recipes. Every field can be overridden.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": dict(arch="small_cnn", epochs=30, batch_size=64, optimizer="adam", lr=2e-3, csg_lr=2e-3,
-                   gate_lr=2e-2, weight_decay=0.0, warmup=3, period=3, csg_from=1, augment=False),
+                   gate_lr=2e-2, weight_decay=0.0, warmup=3, period=3, csg_from=1, augment=False, cutout=0),
     "mnist": dict(arch="small_cnn", epochs=6, batch_size=128, optimizer="adam", lr=1e-3, csg_lr=1e-3,
-                  gate_lr=1e-2, weight_decay=0.0, warmup=1, period=3, csg_from=1, augment=False),
+                  gate_lr=1e-2, weight_decay=0.0, warmup=1, period=3, csg_from=1, augment=False, cutout=0),
     # CIFAR-10: a short cosine schedule with a linear LR warm-up reaches ResNet-20's usual accuracy
     # in tens of epochs instead of the 160+ of step decay (measured: README "CIFAR-10").
     "cifar10": dict(arch="resnet20", epochs=100, batch_size=128, optimizer="sgd", lr=0.1, csg_lr=0.1,
                     gate_lr=1e-2, weight_decay=5e-4, warmup=2, period=3, csg_from=2, augment=True,
-                    lr_schedule="cosine", lr_warmup_epochs=1.0),
+                    lr_schedule="cosine", lr_warmup_epochs=1.0, cutout=0),
 }
 LR_SCHEDULES = ("step", "cosine")
 
@@ -109,7 +109,7 @@ class TrainConfig:
     lam: float = 1e-3                     # sparsity weight lambda
     joint_weight: float = 1.0             # lambda1 for schedule=joint
     augment: bool | None = None
-    cutout: int = 0                       # side of a square erased at a random place per image (0 = off)
+    cutout: int | None = None             # side of a square erased at a random place per image (0 = off)
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -139,6 +139,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
+        d = {"cutout": 0, **d}  # configs saved before cutout existed trained without it
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def validate(self) -> None:
@@ -156,7 +157,7 @@ class TrainConfig:
             raise CsgguardError(f"unknown --lr-schedule {self.lr_schedule!r}; choose {' or '.join(LR_SCHEDULES)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise CsgguardError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.cutout < 0:
+        if self.cutout is not None and self.cutout < 0:
             raise CsgguardError(f"--cutout must be >= 0 pixels, got {self.cutout}")
         if not 0 < self.density <= 1:
             raise CsgguardError(f"--density must be in (0, 1], got {self.density}")
@@ -496,9 +497,11 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
         meta, tensors = _read_checkpoint(out)
         saved = TrainConfig.from_dict(meta["config"])
         saved.milestones = tuple(saved.milestones)
-        if {k: v for k, v in saved.to_dict().items() if k != "device"} != \
-                {k: v for k, v in cfg.to_dict().items() if k != "device"}:
-            raise CsgguardError(f"{out}: --resume with different settings than the interrupted run; "
+        was, now = saved.to_dict(), cfg.to_dict()
+        differ = [k for k in now if k != "device" and was.get(k) != now[k]]
+        if differ:
+            what = ", ".join(f"{k} {was.get(k)!r} -> {now[k]!r}" for k in differ)
+            raise CsgguardError(f"{out}: --resume with different settings than the interrupted run ({what}); "
                                 "rerun with the same options (or without --resume)")
         trainer.load_state_tensors(tensors)
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}

@@ -133,9 +133,12 @@ def test_resume_with_other_settings_or_nothing_to_resume(tmp_path, monkeypatch):
     cfg = dict(data="digits", epochs=3, seed=0, width=16)
     _interrupted_run(monkeypatch, cfg, tmp_path / "part", 2)
     assert (tmp_path / "part" / "checkpoint.safetensors").is_file()
-    for other in ({"lr": 1e-2}, {"seed": 1}, {"epochs": 4}):
-        with pytest.raises(CsgguardError, match="different settings"):
+    for other in ({"lr": 1e-2}, {"seed": 1}, {"epochs": 4}, {"cutout": 2}):
+        key = next(iter(other))
+        with pytest.raises(CsgguardError, match=f"different settings .*{key} "):  # the message names the setting
             train(TrainConfig(**{**cfg, **other}), tmp_path / "part", resume=True, progress=False)
+    # a config saved before cutout existed (no key) reads as trained without it
+    assert TrainConfig.from_dict({"data": "cifar10"}).cutout == 0
     assert (tmp_path / "part" / "checkpoint.safetensors").is_file()  # the refused resume kept the checkpoint
     train(TrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)  # the same settings resume
 

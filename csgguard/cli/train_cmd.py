@@ -95,8 +95,8 @@ def _describe_split(data: str) -> None:
 @click.option("--density", type=FiniteFloat(0.0, 1.0, low_open=True), default=0.2, show_default=True, help="Target gate L1-density d.")
 @click.option("--lam", type=NON_NEGATIVE, default=1e-3, show_default=True, help="Sparsity hinge weight lambda.")
 @click.option("--augment/--no-augment", default=None, help="Random crop + flip (default on for cifar10).")
-@click.option("--cutout", type=NON_NEGATIVE_INT, default=0, show_default=True,
-              help="With --augment: erase a square of this many pixels per image (16 on CIFAR-10; 0 = off).")
+@click.option("--cutout", type=NON_NEGATIVE_INT, default=None,
+              help="With --augment: erase a square of this many pixels per image, 0 = off (default per dataset).")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @device_option
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (+ channels-last) where the device runs bf16 natively: CUDA, or a CPU "
