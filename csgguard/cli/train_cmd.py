@@ -96,7 +96,7 @@ def _describe_split(data: str) -> None:
 @click.option("--lam", type=NON_NEGATIVE, default=1e-3, show_default=True, help="Sparsity hinge weight lambda.")
 @click.option("--augment/--no-augment", default=None, help="Random crop + flip (default on for cifar10).")
 @click.option("--cutout", type=NON_NEGATIVE_INT, default=None,
-              help="With --augment: erase a square of this many pixels per image, 0 = off (default per dataset).")
+              help="With --augment: erase a square of this many pixels per image, 0 = off (default: 16 on cifar10, else 0).")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @device_option
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (+ channels-last) where the device runs bf16 natively: CUDA, or a CPU "
@@ -127,7 +127,7 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
     used as the train and test splits; a flat class-per-folder tree is split 80/20
     (stratified, seed 0). Either way 10% of train becomes the validation split. The
     recipe is mnist's (small_cnn, adam, lr 1e-3, 6 epochs) unless --arch resnet20 or
-    resnet32 selects cifar10's (sgd 0.1, cosine, 100 epochs); every value can be set.
+    resnet32 selects cifar10's (sgd 0.1, cosine, 100 epochs, cutout 16); every value can be set.
     The split sizes are printed before training starts.
 
     Prints the summary (test_accuracy, gate_density, mis, epochs, seconds).
