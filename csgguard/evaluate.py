@@ -47,7 +47,7 @@ from .detectors import DETECTORS, build_detector, detector_class
 from .devices import select_device
 from .errors import CsgguardError
 from .features import Features, extract_features
-from .metrics import accuracy, metrics_row, monotonicity_violations
+from .metrics import accuracy, metrics_row, monotonicity_violations, threshold_at_fpr
 from .models.store import LoadedModel, load_model
 from .progress import log, make_progress
 from .runs import load_run_dataset
@@ -70,6 +70,11 @@ DEFAULT_SUPERVISED_ON = ("fgsm", "pgd")
 ADAPTIVE = "adaptive-pgd"
 ADAPTIVE_TARGET = "csg-clean"
 SPLIT_NAMES = ("fit", "calibration", "evaluation")
+#: the detector label that measures each run's own detector file, the one ``csgguard fit`` saved and
+#: ``csgguard screen`` flags with: loaded (hash-checked), never refitted, its threshold (chosen by
+#: ``fit`` on the run's validation split) kept as the operating point. The fit split goes unused by
+#: it; the 5% / 1% points are read off the harness's calibration split like every other detector's.
+SAVED = "saved"
 MONOTONE_TOLERANCE = 0.03
 
 
@@ -107,9 +112,13 @@ def _check_sizes(splits: dict[str, np.ndarray], fpr: float) -> None:
 
 def detector_bases(detectors: Sequence[str], params: dict[str, dict[str, Any]]) -> dict[str, str]:
     """label -> registered detector name. A label that is not a registered name is a *variant*:
-    its ``detector_params`` entry names the detector, e.g. ``{"csg-first": {"detector": "csg-clean", ...}}``."""
+    its ``detector_params`` entry names the detector, e.g. ``{"csg-first": {"detector": "csg-clean", ...}}``.
+    ``saved`` is each run's own detector file (:data:`SAVED`)."""
     out = {}
     for d in detectors:
+        if d == SAVED:
+            out[d] = SAVED
+            continue
         base = params.get(d, {}).get("detector", d)
         if base not in DETECTORS:
             hint = "" if d == base else f" (variant {d!r})"
@@ -208,6 +217,8 @@ class _Harness:
     def detector(self, label: str, adv_fit: dict[str, Any] | None):
         """Fit ``label`` on the fit split, then calibrate it (all clean calibration images) as ``fit`` does."""
         base = self.s["detector_bases"][label]
+        if base == SAVED:
+            return self.saved_detector()
         params = {k: v for k, v in self.s["detector_params"].get(label, {}).items() if k not in ("detector", "fpr")}
         det = build_detector(base, fpr=self.s["fpr"], **params)
         if hasattr(det, "bind_model"):
@@ -225,6 +236,29 @@ class _Harness:
         thresholds = {"target": float(det.threshold_), "0.05": det.threshold_at(0.05),
                       "0.01": det.threshold_at(0.01) if n_cal >= 100 else None, "calibration_images": n_cal}
         self.seconds[f"fit:{label}"] = self.seconds.get(f"fit:{label}", 0.0) + time.perf_counter() - t
+        return det, thresholds
+
+    def saved_detector(self):
+        """The run's own detector file as ``csgguard screen`` would load it (see :data:`SAVED`)."""
+        from .detectors.store import load_detector, read_detector_manifest
+
+        t = time.perf_counter()
+        det = load_detector(self.loaded.run_dir, model_sha256=self.loaded.sha256)
+        fitted_on = read_detector_manifest(self.loaded.run_dir).get("fitted_on") or {}
+        if not hasattr(det, "threshold_"):
+            raise CsgguardError(f"{self.loaded.run_dir}: the saved detector has no calibrated threshold; "
+                                "refit it with `csgguard fit`")
+        if hasattr(det, "bind_model"):
+            det.bind_model(self.model)
+        cal = self.score(det, self.feats["calibration"], self.data["calibration"][0])
+        det.calibration_scores_ = cal  # other operating points (and the adaptive step scale) read off these
+        thresholds = {"target": float(det.threshold_), "0.05": threshold_at_fpr(cal, 0.05),
+                      "0.01": threshold_at_fpr(cal, 0.01) if len(cal) >= 100 else None,
+                      "calibration_images": int(getattr(det, "calibration_size_", 0)) or None,
+                      "saved": {"detector": det.name, "fpr": float(det.fpr),
+                                "threshold_from": "csgguard fit, on the run's validation split",
+                                "seen": sorted(fitted_on.get("attacks") or {})}}
+        self.seconds["fit:saved"] = time.perf_counter() - t
         return det, thresholds
 
     def score(self, det, feats: Features, x: torch.Tensor) -> np.ndarray:
@@ -274,7 +308,8 @@ def _evaluate_model(h: _Harness, cells: list[Cell], fit_cells: list[Cell], detec
     s = h.s
     out: dict[str, Any] = {"attacks": {}, "attacks_fit": {}, "results": [], "thresholds": {}, "adaptive": [],
                            "cross_fit": [], "errors": h.errors}
-    need_fit = any(detector_class(s["detector_bases"][d]).supervised for d in detectors)
+    need_fit = any(s["detector_bases"][d] != SAVED and detector_class(s["detector_bases"][d]).supervised
+                   for d in detectors)
     fit_cells = fit_cells if need_fit else []
     with h.progress as prog:
         task = prog.add_task(f"{h.label}: attacks", total=len(cells) + len(fit_cells), info="")
@@ -306,9 +341,10 @@ def _evaluate_model(h: _Harness, cells: list[Cell], fit_cells: list[Cell], detec
         t = time.perf_counter()
         clean = h.score(det, h.feats["evaluation"], x_eval)
         out["thresholds"][label]["realised_fpr_evaluation"] = float((clean > thr["target"]).mean())
+        seen = set(thr["saved"]["seen"]) if "saved" in thr else seen_ids  # a saved detector saw its own fit's
         for cid, r in adv_eval.items():
             out["results"].append(_cell_row(h, label, det, cid, by_id[cid], r, clean, thr,
-                                            seen=bool(det.supervised and cid in seen_ids)))
+                                            seen=bool(det.supervised and cid in seen)))
         h.seconds[f"score:{label}"] = time.perf_counter() - t
         fitted[label] = (det, thr, clean)
     for label in cross_fit:

@@ -102,7 +102,18 @@ def _thresholds(report: dict[str, Any]) -> list[str]:
     return ["## Thresholds", "", f"Calibrated by `Detector.calibrate` on clean calibration images (target FPR "
             f"{s['fpr']:g}); realised FPR measured on the {report['split_sizes']['evaluation']} clean evaluation "
             "images.", ""] + _table(["model", "detector", "threshold", "calibration images",
-                                     f"realised FPR (target {s['fpr']:g})", "realised FPR (1% point)"], rows) + [""]
+                                     f"realised FPR (target {s['fpr']:g})", "realised FPR (1% point)"], rows) + [""] \
+        + _saved_note(report)
+
+
+def _saved_note(report: dict[str, Any]) -> list[str]:
+    saved = {m: t["saved"] for m, dets in report["thresholds"].items() for t in dets.values() if "saved" in t}
+    if not saved:
+        return []
+    parts = [f"{m}: {v['detector']} (target FPR {v['fpr']:g})" for m, v in saved.items()]
+    return ["`saved` is each run's own detector file, the one `csgguard screen` flags with: not refitted here, "
+            "its threshold the one `csgguard fit` chose on the run's validation split (calibration images above "
+            f"are that split's); {'; '.join(parts)}.", ""]
 
 
 def _attacks(report: dict[str, Any]) -> list[str]:

@@ -168,3 +168,43 @@ def test_adaptive_attack_aimed_at_each_target(digits_csg_run, tmp_path):
     with pytest.raises(E.CsgguardError, match="adaptive target 'kd-bu' is not among"):
         E.evaluate(digits_csg_run, attacks=("fgsm",), detectors=("csg-clean",), limit=300, device="cpu", eps=0.1,
                    adaptive_targets="kd-bu", progress=False, write=False)
+
+
+def test_saved_detector_measured_as_fit_left_it(digits_csg_run, tmp_path):
+    """``saved`` scores the run's own detector file: not refitted, its own threshold, its fit's seen cells."""
+    import shutil
+
+    from csgguard import extract_features, load_dataset
+    from csgguard.detectors.store import load_detector
+    from csgguard.fitting import fit_detector
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_csg_run, run)
+    fit_detector(run, detector="csg-clean", device="cpu")
+    saved = load_detector(run, model_sha256=load_model(run).sha256)
+    rep = E.evaluate(run, attacks=("pgd",), detectors=("saved", "csg-clean"), limit=360, device="cpu", eps=0.1,
+                     adaptive=False, attack_settings={"pgd": {"steps": 10}}, progress=False, write=False)
+    thr = rep["thresholds"]["csg"]
+    assert thr["saved"]["target"] == saved.threshold_
+    assert thr["saved"]["saved"]["detector"] == "csg-clean"
+    assert thr["saved"]["calibration_images"] == saved.calibration_size_  # the run's val split, not the harness's
+    assert thr["saved"]["target"] != thr["csg-clean"]["target"]          # the harness refits csg-clean; not saved
+    row = next(r for r in rep["results"] if r["detector"] == "saved")
+    assert row["threshold"] == saved.threshold_ and row["seen"] is False and row["auroc"] > 0.5
+    ds = load_dataset("digits")
+    pos = {int(i): p for p, i in enumerate(ds.test.indices)}
+    ev = extract_features(load_model(run).model, ds.test.x()[[pos[i] for i in rep["splits"]["evaluation"]]])
+    assert row["realised_fpr"] == pytest.approx((saved.score_samples(ev) > saved.threshold_).mean())
+
+
+def test_saved_detector_missing_is_reported_not_fatal(digits_csg_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_csg_run, run)
+    for f in run.glob("detector.*"):
+        f.unlink()
+    rep = E.evaluate(run, attacks=("fgsm",), detectors=("saved", "csg-clean"), limit=300, device="cpu", eps=0.1,
+                     adaptive=False, progress=False, write=False)
+    assert {r["detector"] for r in rep["results"]} == {"csg-clean"}
+    assert any("saved" in e and "detector not found" in e for e in rep["errors"])

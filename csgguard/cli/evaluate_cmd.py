@@ -44,7 +44,8 @@ def _names(value: str, what: str) -> tuple[str, ...]:
               help="Comma-separated: fgsm, pgd, bim (Linf, every --eps), pgd-l2, bim-l2 (L2, every --l2-eps), "
                    "cw, deepfool (minimum-norm, once); NAME@BUDGET (pgd@8/255) for one budget only.")
 @click.option("--detectors", default=",".join(DEFAULT_DETECTORS), show_default=True,
-              help="Comma-separated detector names.")
+              help="Comma-separated detector names; 'saved' adds each run's own detector, the one `csgguard fit` "
+                   "saved and `csgguard screen` uses, measured as it is (not refitted, its own threshold).")
 @click.option("--fpr", default="0.05", show_default=True, help="Target false-positive rate of the fixed threshold.")
 @click.option("--limit", type=POSITIVE_INT, default=None, help="Use this many test images (split into fit/calibration/evaluation).")
 @click.option("--eps", default=None, metavar="LIST",
@@ -86,6 +87,7 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
     Examples:
       csgguard evaluate --run runs/csg --compare-run runs/std
       csgguard evaluate --attacks pgd,pgd-l2 --eps 2/255,8/255 --l2-eps 0.5,1
+      csgguard evaluate --detectors saved,mahalanobis   (the detector `fit` saved)
     """
     from pathlib import Path
 
