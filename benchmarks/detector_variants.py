@@ -24,7 +24,9 @@ CIFAR-10 (evaluated with ``--test-rows tail``, disjoint from the harness's image
 each cell a candidate's regret is the best candidate's AUROC minus its own; the smallest
 largest regret wins, ties within 0.01 go to the higher mean AUROC, then fewer components.
 ``--json`` saves every cell; ``--summarise A.json B.json ...`` applies the rule over
-several saved grids and prints the ranking.
+several saved grids and prints the ranking. ``--study units`` runs the third question's two
+candidates (units from the fit images or from held-out ones) and ``--summarise --rule units``
+applies its rule.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ VARIANTS = {
     "all five sum tied": ("taps,pattern,mismatch,margin,norm", "sum", "tied"),
     "taps-joint,pattern,margin sum tied": ("taps-joint,pattern,margin", "sum", "tied"),
     "taps-joint,pattern,margin max tied": ("taps-joint,pattern,margin", "max", "tied"),
+}
+#: the third question (docs/detectors.md): the default detector, its units from the fit images or
+#: from one half of the held-out (validation) images; each is (components, combine, covariance, units)
+UNIT_VARIANTS = {
+    "default, units fit": ("taps-joint,pattern,margin", "sum", "tied", "fit"),
+    "default, units held-out": ("taps-joint,pattern,margin", "sum", "tied", "held-out"),
 }
 SWEEP = {"digits": "0.05,0.1,0.2,0.3", "mnist": "0.05,0.1,0.2,0.3", "cifar10": "2/255,4/255,8/255,16/255"}
 
@@ -120,8 +128,10 @@ def study_model(label: str, run: str, args, log) -> list[dict]:
     cache.mkdir(parents=True, exist_ok=True)
     adv = adversarial_features(loaded, x, y, cells, cache, label, log)
     out = []
-    for vname, (components, combine, covariance) in VARIANTS.items():
-        det = GateCleanDetector(components=components, combine=combine, covariance=covariance).fit(fit)
+    for vname, (components, combine, covariance, *units) in (UNIT_VARIANTS if args.study == "units"
+                                                             else VARIANTS).items():
+        det = GateCleanDetector(components=components, combine=combine, covariance=covariance,
+                                units=units[0] if units else "fit").fit(fit)
         det.calibrate(cal)
         s_clean = det.score_samples(clean)
         fpr = float(np.mean(s_clean > det.threshold_))
@@ -132,7 +142,7 @@ def study_model(label: str, run: str, args, log) -> list[dict]:
                         "tpr": float(np.mean(s > det.threshold_)) if len(s) else None, "n_adv": len(s),
                         "success_rate": success, "realised_fpr": fpr})
     # per-component AUROC (the ablation: what each statistic sees alone)
-    for covariance in ("tied", "class"):
+    for covariance in ("tied", "class") if args.study == "variants" else ():
         comps = "taps,taps-joint,pattern,mismatch,margin,norm" if covariance == "tied" else "pattern"
         det = GateCleanDetector(components=comps, covariance=covariance).fit(fit).calibrate(cal)
         z_clean = det.statistics(clean)
@@ -218,10 +228,43 @@ def apply_regret_rule(rows: list[dict]) -> list[dict]:
             + sorted(rest, key=lambda o: o["max_regret"]))
 
 
+def apply_units_rule(rows: list[dict], margin: float = 0.01, fpr_tolerance: float = 0.02,
+                     target_fpr: float = 0.05) -> dict:
+    """The third rule of docs/detectors.md: ``held-out`` units become the default only if their largest
+    AUROC deficit to ``fit`` (over every cell) is smaller than fit's largest deficit to them by more than
+    ``margin``, and their realised test FPR is within ``fpr_tolerance`` of the target on every grid."""
+    fit, held = "default, units fit", "default, units held-out"
+    table: dict[tuple, dict[str, float]] = {}
+    fprs: dict[tuple, float] = {}
+    for r in rows:
+        if r["variant"] in (fit, held) and r["auroc"] is not None:
+            table.setdefault((r["dataset"], r["model"], r["attack"]), {})[r["variant"]] = r["auroc"]
+        if r["variant"] == held:
+            fprs[(r["dataset"], r["model"])] = r["realised_fpr"]
+    cells = {k: v for k, v in table.items() if len(v) == 2}
+    deficit = {v: {k: max(c.values()) - c[v] for k, c in cells.items()} for v in (fit, held)}
+    worst = {v: max(d, key=d.get) for v, d in deficit.items()}
+    fpr_ok = all(abs(f - target_fpr) <= fpr_tolerance for f in fprs.values())
+    adopt = deficit[held][worst[held]] < deficit[fit][worst[fit]] - margin and fpr_ok
+    return {"deficit": {v: (deficit[v][worst[v]], " ".join(worst[v])) for v in (fit, held)},
+            "held_out_fpr": fprs, "fpr_ok": fpr_ok, "adopt_held_out": adopt, "cells": len(cells),
+            "wins": {v: sum(1 for c in cells.values() if c[v] > min(c.values())) for v in (fit, held)}}
+
+
 def summarise(paths: list[str], rule: str = "regret") -> None:
     rows = [r for p in paths for r in json.loads(Path(p).read_text())]
     grid = sorted({(r["dataset"], r["model"]) for r in rows})
     print(f"# the {rule} rule over {len(grid)} dataset x model grids: {', '.join(' '.join(g) for g in grid)}")
+    if rule == "units":
+        o = apply_units_rule(rows)
+        print(f"cells: {o['cells']}; cells each candidate is strictly better in: {o['wins']}")
+        for v, (d, at) in o["deficit"].items():
+            print(f"- {v}: largest AUROC deficit to the other {d:.3f} at {at}")
+        print("- held-out realised test FPR per grid: "
+              + ", ".join(f"{' '.join(k)} {f:.3f}" for k, f in sorted(o["held_out_fpr"].items()))
+              + f" (all within 0.02 of 0.05: {o['fpr_ok']})")
+        print(f"decision: {'held-out units become the default' if o['adopt_held_out'] else 'fit units stay the default'}")
+        return
     if rule == "worst":
         print("| rank | variant | worst AUROC | worst detection rate | components |")
         print("|---|---|---|---|---|")
@@ -256,6 +299,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--eps", default=None, help="Linf budgets, e.g. 0.05,0.1 or 2/255,8/255")
     p.add_argument("--cache", default="runs/study/variants")
     p.add_argument("--json", default=None)
+    p.add_argument("--study", choices=("variants", "units"), default="variants",
+                   help="variants: the second choice's candidates and the component ablation; units: the "
+                        "third question (the default with fit vs held-out units)")
     args = p.parse_args(argv)
 
     def log(msg: str) -> None:

@@ -293,12 +293,31 @@ def fit_profile(features, gate: np.ndarray, components: Sequence[str], *, covari
     for fit_rows, read_rows in (halves, halves[::-1]):
         part = to_torch(fit_statistics(features.subset(fit_rows), gate, covariance))
         v[read_rows] = components_numpy(part, components, features.subset(read_rows))
+    return {**arrays, **_unit_arrays(v, pred, c_num, expand(components, len(features.taps)))}
+
+
+def anchor_units(arrays: dict[str, np.ndarray], components: Sequence[str], features) -> dict[str, np.ndarray]:
+    """``arrays`` with the combiner's units re-measured on other clean images (``features``).
+
+    The class statistics stay as fitted; the components of ``features`` are read through them
+    (all of them: these images took no part in the statistics, so no folds are needed), and the
+    per-class means / standard deviations, the density's covariance and the surprise tables are
+    taken from those values. Meant for clean images the *network* has not seen either, whose
+    components are not as tight as its training images' (docs/detectors.md, the third question).
+    """
+    if len(features) < 2:
+        raise CsgguardError(f"{len(features)} clean images are too few to measure the detector's units on")
+    v = components_numpy(to_torch(arrays), components, features)
+    names = expand(components, int(np.asarray(arrays["n_taps"]).item()) if "taps" in components else 0)
+    return {**arrays, **_unit_arrays(v, features.pred, len(arrays["means_"]), names)}
+
+
+def _unit_arrays(v: np.ndarray, pred: np.ndarray, c_num: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The combiner's units from clean component values ``v`` (N, M): per-class mean / std, the
+    density's precision, and the surprise table of the standardised values."""
     mean = class_means(v, pred, c_num)
     std = np.stack([v[pred == c].std(0) if np.sum(pred == c) > 1 else v.std(0) for c in range(c_num)])
-    arrays["comp_mean_"] = mean
-    arrays["comp_std_"] = np.maximum(std, 1e-6)
-    arrays["comp_precision_"] = shrunk_precision(v - mean[pred])
-    names = expand(components, len(features.taps))
-    u = standardised(to_torch(arrays), names, torch.from_numpy(v), torch.from_numpy(pred)).numpy()
-    arrays["tail_q_"], arrays["tail_s_"] = _tail_table(u)
-    return arrays
+    out = {"comp_mean_": mean, "comp_std_": np.maximum(std, 1e-6), "comp_precision_": shrunk_precision(v - mean[pred])}
+    u = standardised(to_torch(out), names, torch.from_numpy(v), torch.from_numpy(np.asarray(pred))).numpy()
+    out["tail_q_"], out["tail_s_"] = _tail_table(u)
+    return out

@@ -167,3 +167,14 @@ class Detector(BaseEstimator):
 
     def _load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def stratified_folds(pred: np.ndarray, n_folds: int, rng: np.random.Generator) -> np.ndarray:
+    """A fold (0 .. n_folds - 1) per row, dealt round-robin within each predicted class in a random
+    order: every fold holds each class's share to within one row, and every fold's complement holds
+    every class that has two rows or more."""
+    folds = np.empty(len(pred), dtype=np.int64)
+    for c in np.unique(pred):
+        rows = rng.permutation(np.flatnonzero(pred == c))
+        folds[rows] = (np.arange(len(rows)) + int(rng.integers(n_folds))) % n_folds
+    return folds

@@ -32,13 +32,17 @@ import torch
 from .. import scores as S
 from ..errors import CsgguardError
 from ..features import Features
-from .base import Detector
+from .base import Detector, stratified_folds
 
 #: the default components, combiner and covariance of ``csg-clean``, chosen by the second rule of
 #: docs/detectors.md (minimax regret over digits, MNIST and CIFAR-10, CSG and STD)
 DEFAULT_COMPONENTS = "taps-joint,pattern,margin"
 DEFAULT_COMBINE = "sum"
 DEFAULT_COVARIANCE = "tied"
+#: where csg-clean's units come from (``GateCleanDetector.units``) and the seed of the held-out halves
+UNITS = ("fit", "held-out")
+DEFAULT_UNITS = "fit"
+UNITS_SEED = 0
 pseudo_gate = S.pseudo_gate  # re-exported: part of the public detector API
 
 
@@ -147,6 +151,12 @@ class GateCleanDetector(_GateProfile, Detector):
     gate : ``auto`` (the model's gate, or a pseudo-gate on a STD model), ``model`` or ``pseudo``.
     covariance : how ``pattern`` reads the gated layer: ``class`` (one covariance per predicted
         class) or ``tied`` (one shared covariance).
+    units : where the combiner's units (each component's per-class clean mean / std and surprise
+        table) come from: ``fit`` (out-of-fold halves of the fit images) or ``held-out``
+        (:meth:`calibrate` splits its clean images in two halves stratified by predicted class:
+        one re-measures the units, the other sets the threshold). ``held-out`` is for fit images
+        the network was trained on, whose components are tighter than an unseen image's
+        (docs/detectors.md, the third question).
     fpr : target false-positive rate for :meth:`calibrate`.
     """
 
@@ -154,17 +164,39 @@ class GateCleanDetector(_GateProfile, Detector):
     supervised = False
 
     def __init__(self, *, components: str = DEFAULT_COMPONENTS, combine: str = DEFAULT_COMBINE,
-                 gate: str = "auto", covariance: str = DEFAULT_COVARIANCE, fpr: float = 0.05) -> None:
+                 gate: str = "auto", covariance: str = DEFAULT_COVARIANCE, units: str = DEFAULT_UNITS,
+                 fpr: float = 0.05) -> None:
         super().__init__(fpr=fpr)
         self.components = components
         self.combine = combine
         self.gate = gate
         self.covariance = covariance
+        self.units = units
+
+    def _check_units(self) -> None:
+        if self.units not in UNITS:
+            raise CsgguardError(f"csg-clean: unknown units {self.units!r}; choose from {', '.join(UNITS)}")
 
     def _fit(self, clean: Features, adversarial=None, *, inputs=None, adversarial_inputs=None) -> None:
         if self.combine not in S.COMBINERS:
             raise CsgguardError(f"unknown combine {self.combine!r}; choose from {', '.join(S.COMBINERS)}")
+        self._check_units()
         self._fit_profile(clean)
+
+    def calibrate(self, clean_heldout: Features, *, inputs=None) -> GateCleanDetector:
+        """The threshold on held-out clean images; with ``units="held-out"`` one half of them
+        (stratified by predicted class, fixed seed) first re-measures the units, the other half
+        sets the threshold."""
+        self._check_units()
+        if self.units == "fit":
+            return super().calibrate(clean_heldout, inputs=inputs)
+        self._check_fitted()
+        half = stratified_folds(clean_heldout.pred, 2, np.random.default_rng(UNITS_SEED))
+        unit_rows, threshold_rows = np.flatnonzero(half == 0), np.flatnonzero(half == 1)
+        self.arrays_ = S.anchor_units(self.arrays_, self.components_, clean_heldout.subset(unit_rows))
+        self._torch = {}
+        return super().calibrate(clean_heldout.subset(threshold_rows),
+                                 inputs=None if inputs is None else inputs[threshold_rows])
 
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:
         self._check_features(features)

@@ -51,7 +51,7 @@ import torch
 
 from ..errors import CsgguardError
 from ..features import Features
-from .base import Detector
+from .base import Detector, stratified_folds
 
 BLOCKS = ("pooled", "taps", "logits")
 GUARDS = ("csg-clean", "none")
@@ -227,7 +227,7 @@ class GateRobustDetector(Detector):
         self.sd_ = np.maximum(v_clean.std(0).numpy(), 1e-6)
         pred = torch.from_numpy(clean.pred)
         # cross-fit: every clean fit image's fold; its units come from parts fitted without its fold
-        self._folds = _stratified_folds(clean.pred, np.random.default_rng(self.seed + 1)) \
+        self._folds = stratified_folds(clean.pred, UNIT_FOLDS, np.random.default_rng(self.seed + 1)) \
             if self.units == "cross-fit" else None
         self.guard_, self._guard_clean = None, None
         if self.guard == "csg-clean":
@@ -434,16 +434,6 @@ class GateRobustDetector(Detector):
                 raise CsgguardError("csg-robust state lacks its guard's parameters")
             self.guard_ = GateCleanDetector.from_state(params, g_arrays, dict(extra.get("guard_state_") or {}))
             self.union_ = tuple(float(u) for u in union)
-
-
-def _stratified_folds(pred: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A fold (0 .. UNIT_FOLDS - 1) per row, dealt round-robin within each predicted class in a random
-    order, so every fold's complement holds every class that has two rows or more."""
-    folds = np.empty(len(pred), dtype=np.int64)
-    for c in np.unique(pred):
-        rows = rng.permutation(np.flatnonzero(pred == c))
-        folds[rows] = (np.arange(len(rows)) + int(rng.integers(UNIT_FOLDS))) % UNIT_FOLDS
-    return folds
 
 
 def _heads(a: dict[str, torch.Tensor], u: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:

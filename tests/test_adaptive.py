@@ -186,15 +186,15 @@ def test_csg_robust_cross_fitted_units_match_unseen_clean_images(digits):
     quantile lands near the one on unseen clean images where the in-sample one falls short. Folds are
     stratified by predicted class; an unknown value is refused; files without the parameter load as
     in-sample."""
+    from csgguard.detectors.base import stratified_folds
     from csgguard.detectors.robust import (
         UNIT_FOLDS,
         GateRobustDetector,
         _as_torch,
-        _stratified_folds,
     )
 
     model, ds, fit, x_fit, val = digits
-    folds = _stratified_folds(fit.pred, np.random.default_rng(0))
+    folds = stratified_folds(fit.pred, UNIT_FOLDS, np.random.default_rng(0))
     for c in np.unique(fit.pred):
         counts = np.bincount(folds[fit.pred == c], minlength=UNIT_FOLDS)
         assert counts.max() - counts.min() <= 1
