@@ -279,3 +279,39 @@ def test_detector_saved_before_covariance_existed_loads_as_per_class(tmp_path, c
     back = load_detector(tmp_path, model_sha256=loaded.sha256)
     assert back.covariance == "class"
     np.testing.assert_array_equal(back.score_samples(f["test"]), det.score_samples(f["test"]))
+
+
+def test_held_out_units_split_calibration_images_and_keep_statistics(tmp_path, csg):
+    """``units="held-out"``: calibrate re-measures the units on one half of its images (stratified by
+    predicted class) and thresholds on the other; the class statistics stay the fit's. The stored units
+    are the units half's per-class component means, the threshold half is disjoint from it, and the
+    detector survives a save/load."""
+    from csgguard import scores as S
+    from csgguard.detectors.base import stratified_folds
+    from csgguard.detectors.gate import UNITS_SEED
+
+    loaded, _, f = csg
+    held = f["test"]  # clean images the statistics were not fitted on
+    fit_units = GateCleanDetector().fit(f["train"])
+    det = GateCleanDetector(units="held-out").fit(f["train"])
+    before = {k: v.copy() for k, v in det.arrays_.items()}
+    det.calibrate(held)
+    half = stratified_folds(held.pred, 2, np.random.default_rng(UNITS_SEED))
+    unit_rows, thr_rows = np.flatnonzero(half == 0), np.flatnonzero(half == 1)
+    assert det.calibration_size_ == len(thr_rows) and not set(unit_rows) & set(thr_rows)
+    for k in ("means_", "class_precision_", "tapj_means", "tapj_precision"):
+        np.testing.assert_array_equal(det.arrays_[k], before[k])
+    assert not np.allclose(det.arrays_["comp_mean_"], fit_units.arrays_["comp_mean_"])
+    v = S.components_numpy(det._tensors(), det.components_, held.subset(unit_rows))
+    pred = held.pred[unit_rows]
+    for c in np.unique(pred):
+        rows = pred == c
+        if rows.sum() > 2:
+            np.testing.assert_allclose(v[rows].mean(0), det.arrays_["comp_mean_"][c], atol=1e-9)
+    np.testing.assert_array_equal(det.calibration_scores_, det.score_samples(held.subset(thr_rows)))
+    save_detector(det, tmp_path, model_sha256=loaded.sha256)
+    back = load_detector(tmp_path, model_sha256=loaded.sha256)
+    assert back.units == "held-out"
+    np.testing.assert_array_equal(back.score_samples(f["test"]), det.score_samples(f["test"]))
+    with pytest.raises(CsgguardError, match="unknown units 'val'"):
+        GateCleanDetector(units="val").fit(f["train"])
