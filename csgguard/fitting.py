@@ -145,16 +145,21 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
     calib = extract_features(loaded.model, ds.val.x(), batch_size=batch_size, device=dev)
     det.calibrate(calib)
     realised = float(np.mean(det.calibration_scores_ > det.threshold_))
+    n_threshold = int(det.calibration_size_)  # fewer than len(calib) where half of val set csg-clean's units
     fitted_on = {"dataset": data_name, "fit_split": "train", "calibration_split": "val",
                  "clean": int(len(clean)), "train_images": int(len(train)), "limit": limit,
                  "adversarial": int(len(adversarial)) if adversarial is not None else 0,
-                 "attacks": counts, "calibration": int(len(calib)),
+                 "attacks": counts, "calibration": n_threshold,
                  "calibration_population": "every clean val image (misclassified included)"}
+    if n_threshold < len(calib):
+        fitted_on["units_images"] = int(len(calib) - n_threshold)
+        fitted_on["calibration_population"] = ("the threshold half of the clean val images (misclassified "
+                                               "included); the other half set the units")
     path = save_detector(det, out if out is not None else loaded.run_dir, model_sha256=loaded.sha256,
                          extra_meta={"fitted_on": fitted_on, "realised_fpr_calibration": realised})
     summary = {"detector": detector, "path": str(path), "threshold": float(det.threshold_), "fpr": fpr,
                "realised_fpr_val": realised, "clean_fit": len(clean),
-               "adversarial_fit": fitted_on["adversarial"], "calibration": len(calib),
+               "adversarial_fit": fitted_on["adversarial"], "calibration": n_threshold,
                "attacks": ",".join(counts) if counts else None, "threshold_1pct": det.threshold_at(0.01),
                "seconds": round(time.perf_counter() - start, 3)}
     return FitResult(det, path, summary)
