@@ -47,7 +47,7 @@ from .detectors import DETECTORS, build_detector, detector_class
 from .devices import select_device
 from .errors import CsgguardError
 from .features import Features, extract_features
-from .metrics import accuracy, metrics_row, monotonicity_violations, threshold_at_fpr
+from .metrics import accuracy, metrics_row, monotonicity_violations
 from .models.store import LoadedModel, load_model
 from .progress import log, make_progress
 from .runs import load_run_dataset
@@ -252,8 +252,8 @@ class _Harness:
             det.bind_model(self.model)
         cal = self.score(det, self.feats["calibration"], self.data["calibration"][0])
         det.calibration_scores_ = cal  # other operating points (and the adaptive step scale) read off these
-        thresholds = {"target": float(det.threshold_), "0.05": threshold_at_fpr(cal, 0.05),
-                      "0.01": threshold_at_fpr(cal, 0.01) if len(cal) >= 100 else None,
+        thresholds = {"target": float(det.threshold_), "0.05": det.threshold_at(0.05),
+                      "0.01": det.threshold_at(0.01) if len(cal) >= 100 else None,
                       "calibration_images": int(getattr(det, "calibration_size_", 0)) or None,
                       "saved": {"detector": det.name, "fpr": float(det.fpr),
                                 "threshold_from": "csgguard fit, on the run's validation split",
