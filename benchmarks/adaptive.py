@@ -14,7 +14,7 @@ Per run (a trained model; its dataset is read from the manifest), with disjoint 
   (successful and not flagged / attacked); the smallest swept budget at which the evasion
   rate reaches 50% ("budget@50%"; "> max" when none does);
 * csg-robust's training time and every detector's screening cost: (forward + score) / forward,
-  best of 3, on the first ``--cost-images`` test images.
+  best of 7, on the first ``--cost-images`` test images.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adaptive.py --runs runs/digits-csg runs/digits-std \\
         --json /tmp/adaptive-digits.json
@@ -82,7 +82,7 @@ def bench_run(run: str, args) -> dict:
     params = json.loads(args.robust_params) if args.robust_params else {}
     x_cost = ds.test.x()[:args.cost_images]  # more images than --images: the fixed per-call overheads amortised
     f_cost = extract_features(model, x_cost)
-    forward = best_of(lambda: extract_features(model, x_cost), 3)
+    forward = best_of(lambda: extract_features(model, x_cost), 7)
     for name in args.detectors.split(","):
         det = build_detector(name, **(params if name == "csg-robust" else {}))
         if hasattr(det, "bind_model"):
@@ -104,7 +104,7 @@ def bench_run(run: str, args) -> dict:
         train_s = time.perf_counter() - t
         det.calibrate(cal)
         thr = det.threshold_
-        score = best_of(lambda det=det: det.score_samples(f_cost), 3)
+        score = best_of(lambda det=det: det.score_samples(f_cost), 7)
         row = {"threshold": float(thr), "train_seconds": round(train_s, 2),
                "clean_fpr_test": float(np.mean(det.score_samples(f_test) > thr)),
                "cost_ratio": round((forward + score) / forward, 3),

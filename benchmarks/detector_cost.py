@@ -7,7 +7,9 @@ per squeezer; Mahalanobis with input pre-processing a forward + backward + forwa
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/detector_cost.py [--images 512] [--repeats 3]
 
-Trains two small digits models (CSG, a few seconds) unless --run is given.
+Trains a small digits CSG model (a few seconds) unless --run is given. The gate detectors
+score in float32 (csgguard.scores.SCREEN_DTYPE); each is also timed with float64 arithmetic,
+in the same process, as the baseline that change is measured against.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from csgguard import TrainConfig, extract_features, load_dataset, load_model, train
+    from csgguard import scores as S
     from csgguard.attacks import run as attack
     from csgguard.detectors import build_detector
 
@@ -53,7 +56,9 @@ def main() -> None:
     print(f"forward pass: {forward / n * 1e6:9.1f} us/image (ratio 1.00 by definition)\n")
     print(f"{'detector':<28}{'extra passes':>13}{'us/image':>11}{'ratio vs forward':>18}{'total ratio':>13}")
     specs = [("csg-clean", {}), ("csg-supervised", {}), ("mahalanobis", {}), ("mahalanobis", {"noise": 0.01}),
-             ("lid", {}), ("kd-bu", {}), ("feature-squeezing", {})]
+             ("lid", {}), ("kd-bu", {}), ("feature-squeezing", {}),
+             # the screening cost does not depend on how many attacked images trained the heads
+             ("csg-robust", {"limit": 200, "rounds": 1})]
     for name, params in specs:
         det = build_detector(name, **params)
         if hasattr(det, "bind_model"):
@@ -61,10 +66,17 @@ def main() -> None:
         det.fit(fit, adv if det.supervised else None, inputs=fit_x)
         det.calibrate(cal, inputs=cal_x)
         inputs = x if det.needs_inputs else None
-        t = best_of(lambda det=det, inputs=inputs: det.score_samples(feats, inputs=inputs), args.repeats)
         extra = {"feature-squeezing": "3 fwd", "mahalanobis": "fwd+bwd+fwd" if params else "0"}.get(name, "0")
-        label = name + (f" noise={params['noise']}" if params else "")
-        print(f"{label:<28}{extra:>13}{t / n * 1e6:>11.1f}{t / forward:>18.2f}{(t + forward) / forward:>13.2f}")
+        label = name + (f" noise={params['noise']}" if "noise" in params else "")
+        arithmetic = [("", S.SCREEN_DTYPE)] + ([(" (float64)", torch.float64)] if name.startswith("csg-") else [])
+        for suffix, dtype in arithmetic:
+            shipped, S.SCREEN_DTYPE = S.SCREEN_DTYPE, dtype
+            try:
+                t = best_of(lambda det=det, inputs=inputs: det.score_samples(feats, inputs=inputs), args.repeats)
+            finally:
+                S.SCREEN_DTYPE = shipped
+            print(f"{label + suffix:<28}{extra:>13}{t / n * 1e6:>11.1f}{t / forward:>18.2f}"
+                  f"{(t + forward) / forward:>13.2f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
-"""The gate-pattern detection statistics, written once, in torch (float64).
+"""The gate-pattern detection statistics, written once, in torch.
 
 Everything that scores an input with the ``csg-clean`` / ``csg-supervised`` statistics
 calls this module: the detectors (numpy in, numpy out, through :func:`score_numpy`),
 the adaptive attack (which differentiates the very same function), and every study
 script. There is no second copy to drift out of step.
+
+Precision: the arithmetic runs in the dtype of the fitted arrays handed in. Fitting
+(covariances, their inverses, the out-of-fold units) and the adaptive attack's
+gradients use float64; screening uses :data:`SCREEN_DTYPE` (float32), the precision of
+the features themselves (the network computes them in float32 or bf16), which halves
+the cost of the two matrix products that dominate a score (benchmarks/detector_cost.py).
+The two agree to float32 rounding (about 1e-6 relative; tests/test_detectors.py).
 
 The statistics of one forward pass (``logits``, ``pooled`` gated-layer activations,
 ``taps`` = channel means of earlier layers), each a *component*:
@@ -67,6 +74,8 @@ COMBINERS = ("max", "sum", "zmax", "density")
 TAIL_LEVELS = 48
 #: above this many filters one tied covariance replaces the per-class ones (memory: C * K * K floats)
 PER_CLASS_MAX_K = 512
+#: the arithmetic of every screening score (fitting and gradients stay float64; module docstring)
+SCREEN_DTYPE = torch.float32
 _EPS = 1e-12
 _MARGIN_FLOOR = 1e-6
 
@@ -107,24 +116,31 @@ def quad(r: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     score never depends on how many other inputs share its batch (gemv vs gemm order)."""
     if r.shape[0] == 1:
         return quad(torch.cat([r, r]), precision)[:1]
-    return ((r @ precision) * r).sum(1)
+    return ((r @ precision) * r).sum(1).clamp_min(0.0)  # >= 0 in exact arithmetic; rounding may dip under
 
 
 def class_quad(r: torch.Tensor, pred: torch.Tensor, precisions: torch.Tensor) -> torch.Tensor:
     """``quad`` with the predicted class's own precision (``precisions``: (C, K, K), or (1, K, K) tied)."""
     if precisions.shape[0] == 1:
         return quad(r, precisions[0])
-    out = torch.zeros(len(r), dtype=r.dtype, device=r.device)
-    for c in torch.unique(pred).tolist():
-        rows = pred == c
-        out = out.index_put((rows,), quad(r[rows], precisions[c]))
-    return out
+    # rows grouped by class once (one gather, one scatter back) rather than masked per class
+    order = torch.argsort(pred, stable=True)
+    counts = torch.bincount(pred, minlength=precisions.shape[0]).tolist()
+    grouped, parts, start = r[order], [], 0
+    for c, n in enumerate(counts):
+        if n:
+            parts.append(quad(grouped[start:start + n], precisions[c]))
+            start += n
+    if not parts:
+        return r.new_zeros(0)
+    return torch.empty(len(r), dtype=r.dtype, device=r.device).index_put((order,), torch.cat(parts))
 
 
 def component_matrix(arrays: dict[str, torch.Tensor], components: Sequence[str], logits: torch.Tensor,
                      pooled: torch.Tensor, taps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(N, M) raw component values (before standardisation), float64, differentiable."""
-    logits, pooled = logits.double(), pooled.double()
+    """(N, M) raw component values (before standardisation), in the arrays' dtype, differentiable."""
+    dt = arrays["means_"].dtype
+    logits, pooled = logits.to(dt), pooled.to(dt)
     pred = logits.argmax(1)
     cols: list[torch.Tensor] = []
     for c in components:
@@ -135,10 +151,10 @@ def component_matrix(arrays: dict[str, torch.Tensor], components: Sequence[str],
                                     "(features from an older csgguard or another model?)")
         if c == "taps":
             for i in range(n_taps):
-                r = taps[i].double() - arrays[f"tap_means_{i}"][pred]
+                r = taps[i].to(dt) - arrays[f"tap_means_{i}"][pred]
                 cols.append(torch.log(quad(r, arrays[f"tap_precision_{i}"]) + _EPS))
         elif c == "taps-joint":
-            r = torch.cat([t.double() for t in taps[:n_taps]], 1) - arrays["tapj_means"][pred]
+            r = torch.cat([t.to(dt) for t in taps[:n_taps]], 1) - arrays["tapj_means"][pred]
             cols.append(torch.log(quad(r, arrays["tapj_precision"]) + _EPS))
         elif c == "pattern":
             r = pooled - arrays["means_"][pred]
@@ -170,7 +186,7 @@ def standardised(arrays: dict[str, torch.Tensor], names: Sequence[str], v: torch
 
 def score(arrays: dict[str, torch.Tensor], components: Sequence[str], combine: str, logits: torch.Tensor,
           pooled: torch.Tensor, taps: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-    """The ``csg-clean`` score (higher = more adversarial), float64, differentiable in the inputs."""
+    """The ``csg-clean`` score (higher = more adversarial), in the arrays' dtype, differentiable in the inputs."""
     v = component_matrix(arrays, components, logits, pooled, taps)
     pred = logits.argmax(1)
     names = expand(components, int(arrays["n_taps"].item()) if "taps" in components else 0)
@@ -207,26 +223,33 @@ def _tail_table(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- numpy glue + fitting
 
-def to_torch(arrays: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64), device=device) for k, v in arrays.items()}
+def to_torch(arrays: dict[str, np.ndarray], device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """The fitted arrays as tensors; their ``dtype`` is the arithmetic every score made from them runs in
+    (fitted in float64, cast once: the precision matrices are inverted before any rounding to float32)."""
+    return {k: torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64), device=device).to(dtype)
+            for k, v in arrays.items()}
 
 
-def _inputs(features) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    return (torch.from_numpy(np.asarray(features.logits, dtype=np.float64)),
-            torch.from_numpy(np.asarray(features.pooled, dtype=np.float64)),
-            [torch.from_numpy(np.asarray(t, dtype=np.float64)) for t in features.taps])
+def as_tensors(features, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``(logits, pooled, taps)`` of a :class:`~csgguard.features.Features` as CPU tensors of ``dtype``."""
+    def t(a):
+        return torch.from_numpy(np.asarray(a)).to(dtype)
+    return t(features.logits), t(features.pooled), [t(x) for x in features.taps]
 
 
 @torch.no_grad()
 def components_numpy(arrays_t: dict[str, torch.Tensor], components: Sequence[str], features) -> np.ndarray:
-    logits, pooled, taps = _inputs(features)
-    return component_matrix(arrays_t, components, logits, pooled, taps).numpy()
+    """Raw component values of ``features`` (N, M) as float64, computed in the arrays' dtype."""
+    logits, pooled, taps = as_tensors(features, arrays_t["means_"].dtype)
+    return component_matrix(arrays_t, components, logits, pooled, taps).double().numpy()
 
 
 @torch.no_grad()
 def score_numpy(arrays_t: dict[str, torch.Tensor], components: Sequence[str], combine: str, features) -> np.ndarray:
-    logits, pooled, taps = _inputs(features)
-    return score(arrays_t, components, combine, logits, pooled, taps).numpy()
+    """The score of ``features`` (N,) as float64, computed in the arrays' dtype."""
+    logits, pooled, taps = as_tensors(features, arrays_t["means_"].dtype)
+    return score(arrays_t, components, combine, logits, pooled, taps).double().numpy()
 
 
 def shrunk_precision(residuals: np.ndarray) -> np.ndarray:

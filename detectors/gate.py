@@ -77,11 +77,12 @@ class _GateProfile:
         self.columns_ = S.expand(comps, self.n_taps_)
         self._torch = {}
 
-    def _tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        key = str(device)
+    def _tensors(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+        """The fitted arrays as tensors of ``dtype`` (float64: fitting, gradients; S.SCREEN_DTYPE: screening)."""
+        key = (str(device), dtype)
         cache = self.__dict__.setdefault("_torch", {})
         if key not in cache:
-            cache[key] = S.to_torch(self.arrays_, device)
+            cache[key] = S.to_torch(self.arrays_, device, dtype)
         return cache[key]
 
     def _check_features(self, f: Features) -> None:
@@ -200,12 +201,14 @@ class GateCleanDetector(_GateProfile, Detector):
 
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:
         self._check_features(features)
-        return S.score_numpy(self._tensors(), self.components_, self.combine, features)
+        return S.score_numpy(self._tensors(dtype=S.SCREEN_DTYPE), self.components_, self.combine, features)
 
-    def torch_score(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor:
-        """The same score as :meth:`score_samples`, differentiable (for the adaptive attack)."""
+    def torch_score(self, logits: torch.Tensor, pooled: torch.Tensor, taps=(), *,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The same score as :meth:`score_samples`, differentiable (for the adaptive attack); float64
+        unless ``dtype`` says otherwise (screening computes it in ``S.SCREEN_DTYPE``)."""
         self._check_fitted()
-        return S.score(self._tensors(logits.device), self.components_, self.combine, logits, pooled, taps)
+        return S.score(self._tensors(logits.device, dtype), self.components_, self.combine, logits, pooled, taps)
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return self._profile_state()
@@ -247,8 +250,8 @@ class GateSupervisedDetector(_GateProfile, Detector):
     def feature_matrix(self, f: Features) -> torch.Tensor:
         """(N, M + two-sided) standardised statistics: signed z, then |z| of the two-sided columns."""
         self._check_features(f)
-        arrays = self._tensors()
-        v = torch.from_numpy(S.components_numpy(arrays, self.components_, f))
+        arrays = self._tensors(dtype=S.SCREEN_DTYPE)
+        v = torch.from_numpy(S.components_numpy(arrays, self.components_, f)).to(S.SCREEN_DTYPE)
         z = (v - arrays["comp_mean_"][torch.from_numpy(f.pred)]) / arrays["comp_std_"][torch.from_numpy(f.pred)]
         two = [i for i, n in enumerate(self.columns_) if n in S.TWO_SIDED]
         return torch.cat([z, z[:, two].abs()], 1).clamp(-1e6, 1e6)

@@ -36,8 +36,9 @@ Fitting needs the model (``bind_model``) and the fit images (``inputs=``) to gen
 the attacks, as :func:`csgguard.evaluate.evaluate` provides. The threshold is chosen
 on clean held-out images by :meth:`Detector.calibrate`, as everywhere else; the
 detectors are saved as arrays (no pickle). The score is ``D_k``'s log-odds of
-"adversarial", in float64, differentiable (:meth:`torch_score`, which the adaptive
-attack differentiates; :meth:`score_samples` returns the very same numbers).
+"adversarial", differentiable (:meth:`torch_score`, in float64, which the adaptive
+attack differentiates; :meth:`score_samples` computes the very same function in float32,
+the features' own precision, as the csg-clean score does: csgguard/scores.py).
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import scores as S
 from ..errors import CsgguardError
 from ..features import Features
+from ..scores import as_tensors
 from .base import Detector, stratified_folds
 
 BLOCKS = ("pooled", "taps", "logits")
@@ -138,25 +141,25 @@ class GateRobustDetector(Detector):
         return self
 
     # -- the score (one implementation, torch float64) -------------------------
-    def _tensors(self, device) -> dict[str, torch.Tensor]:
-        key = str(device)
+    def _tensors(self, device, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+        key = (str(device), dtype)
         cache = self.__dict__.setdefault("_torch", {})
         if key not in cache:
-            cache[key] = {k: torch.as_tensor(np.asarray(getattr(self, k), dtype=np.float64), device=device)
+            cache[key] = {k: torch.as_tensor(np.asarray(getattr(self, k), dtype=np.float64), device=device).to(dtype)
                           for k in ("mu_", "sd_", "w1_", "b1_", "w2_", "b2_")}
         return cache[key]
 
-    def _vector(self, logits, pooled, taps) -> torch.Tensor:
+    def _vector(self, logits, pooled, taps, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         parts = []
         for b in self.blocks_:
             if b == "pooled":
-                parts.append(pooled.double())
+                parts.append(pooled.to(dtype))
             elif b == "taps":
                 if len(taps) < self.n_taps_:
                     raise CsgguardError(f"csg-robust reads {self.n_taps_} taps but the features carry {len(taps)}")
-                parts += [t.double() for t in taps[:self.n_taps_]]
+                parts += [t.to(dtype) for t in taps[:self.n_taps_]]
             else:
-                parts.append(logits.double())
+                parts.append(logits.to(dtype))
         return torch.cat(parts, 1)
 
     def _check_guard(self) -> None:
@@ -170,20 +173,23 @@ class GateRobustDetector(Detector):
         # files written before ``guard`` existed hold the heads alone; before ``units``, in-sample units
         return super().from_state({"guard": "none", "units": "in-sample", **params}, arrays, extra)
 
-    def torch_score(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor:
+    def torch_score(self, logits: torch.Tensor, pooled: torch.Tensor, taps=(), *,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The score: the predicted class's head log-odds of "adversarial", in union with the clean
-        guard when there is one (module docstring); differentiable, float64."""
+        guard when there is one (module docstring); differentiable, float64 unless ``dtype`` says
+        otherwise (screening computes it in ``scores.SCREEN_DTYPE``)."""
         self._check_fitted()
-        heads = self._head_score(logits, pooled, taps)
+        heads = self._head_score(logits, pooled, taps, dtype)
         if self.guard_ is None:
             return heads
         hq, hs, gq, gs = self.union_
-        guard = self.guard_.torch_score(logits, pooled, taps)
+        guard = self.guard_.torch_score(logits, pooled, taps, dtype=dtype)
         return torch.logaddexp((heads - hq) / hs, (guard - gq) / gs)
 
-    def _head_score(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor:
-        a = self._tensors(logits.device)
-        v = self._vector(logits, pooled, taps)
+    def _head_score(self, logits: torch.Tensor, pooled: torch.Tensor, taps=(),
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        a = self._tensors(logits.device, dtype)
+        v = self._vector(logits, pooled, taps, dtype)
         if v.shape[1] != a["mu_"].shape[0]:
             raise CsgguardError(f"features give {v.shape[1]} inputs but the detector was fitted on "
                                 f"{a['mu_'].shape[0]} (another model?)")
@@ -191,10 +197,8 @@ class GateRobustDetector(Detector):
 
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:
         with torch.no_grad():
-            return self.torch_score(torch.from_numpy(np.asarray(features.logits, dtype=np.float64)),
-                                    torch.from_numpy(np.asarray(features.pooled, dtype=np.float64)),
-                                    [torch.from_numpy(np.asarray(t, dtype=np.float64)) for t in features.taps]
-                                    ).numpy()
+            logits, pooled, taps = as_tensors(features, S.SCREEN_DTYPE)
+            return self.torch_score(logits, pooled, taps, dtype=S.SCREEN_DTYPE).double().numpy()
 
     # -- fit ------------------------------------------------------------------
     def _fit(self, clean: Features, adversarial=None, *, inputs=None, adversarial_inputs=None) -> None:
@@ -221,7 +225,7 @@ class GateRobustDetector(Detector):
         rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
 
-        clean_rows = _as_torch(clean)
+        clean_rows = as_tensors(clean)
         v_clean = self._vector(*clean_rows)
         self.mu_ = v_clean.mean(0).numpy()
         self.sd_ = np.maximum(v_clean.std(0).numpy(), 1e-6)
@@ -245,7 +249,7 @@ class GateRobustDetector(Detector):
             self._guard_units = self._clean_units(self._guard_clean)
         pool_v, pool_p = [], []
         if adversarial is not None and len(adversarial):  # attacks a caller already made (evaluate's fit split)
-            pool_v.append(self._vector(*_as_torch(adversarial)))
+            pool_v.append(self._vector(*as_tensors(adversarial)))
             pool_p.append(torch.from_numpy(adversarial.pred))
         attack_rows = rng.permutation(len(x))[:self.limit]
         self.history_ = []
@@ -437,13 +441,21 @@ class GateRobustDetector(Detector):
 
 
 def _heads(a: dict[str, torch.Tensor], u: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """Each row through its predicted class's detector: ``w2_k . relu(W1_k^T u + b1_k) + b2_k``."""
-    out = torch.zeros(len(u), dtype=u.dtype, device=u.device)
-    for c in torch.unique(pred).tolist():
-        rows = pred == c
-        hid = torch.relu(u[rows] @ a["w1_"][c] + a["b1_"][c])
-        out = out.index_put((rows,), hid @ a["w2_"][c] + a["b2_"][c])
-    return out
+    """Each row through its predicted class's detector: ``w2_k . relu(W1_k^T u + b1_k) + b2_k``.
+
+    Rows are grouped by class once (one gather, one scatter back) rather than masked per class:
+    at screening sizes the per-class masks cost as much as the products."""
+    order = torch.argsort(pred, stable=True)
+    counts = torch.bincount(pred, minlength=a["w1_"].shape[0]).tolist()
+    grouped, parts, start = u[order], [], 0
+    for c, n in enumerate(counts):
+        if n:
+            hid = torch.relu(torch.addmm(a["b1_"][c], grouped[start:start + n], a["w1_"][c]))
+            parts.append(torch.addmv(a["b2_"][c], hid, a["w2_"][c]))
+            start += n
+    if not parts:
+        return u.new_zeros(0)
+    return torch.empty(len(u), dtype=u.dtype, device=u.device).index_put((order,), torch.cat(parts))
 
 
 def _unconfidence(logits, pooled, taps=()) -> torch.Tensor:
@@ -451,8 +463,3 @@ def _unconfidence(logits, pooled, taps=()) -> torch.Tensor:
     top2 = logits.detach().double().topk(2, dim=1).values
     return top2[:, 1] - top2[:, 0]
 
-
-def _as_torch(f: Features) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    return (torch.from_numpy(np.asarray(f.logits, dtype=np.float64)),
-            torch.from_numpy(np.asarray(f.pooled, dtype=np.float64)),
-            [torch.from_numpy(np.asarray(t, dtype=np.float64)) for t in f.taps])
