@@ -117,8 +117,6 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
     start = time.perf_counter()
     dev = select_device(device)
     loaded = load_model(run_dir, dev)
-    if cls.needs_inputs:
-        raise CsgguardError(f"detector {detector!r} needs raw inputs; fit it through `csgguard evaluate`")
     ds = load_run_dataset(loaded, data_root=data_root)
     data_name = ds.name
     train = ds.train if limit is None else ds.train.subset(np.arange(min(limit, len(ds.train))))
@@ -135,15 +133,19 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
         log(f"fit: {len(adversarial)} successful adversarial train images ({', '.join(counts)})")
     det = cls(**{**(params or {}), "fpr": fpr})
     fit_kw = {}
-    if getattr(cls, "needs_model_to_fit", False):  # csg-robust attacks itself while it trains
+    # csg-robust attacks itself while it trains; feature squeezing (and a union holding it) runs the
+    # model on squeezed copies of the images: both need the model and the [0, 1] images
+    with_inputs = cls.needs_inputs or getattr(cls, "needs_model_to_fit", False)
+    if with_inputs:
         det.bind_model(loaded.model)
         fit_kw["inputs"] = train.subset(keep).x()
     det.fit(clean, adversarial, **fit_kw)
 
     # every clean val image, misclassified ones included: screening cannot tell them apart (the same
     # population `csgguard evaluate` calibrates on)
-    calib = extract_features(loaded.model, ds.val.x(), batch_size=batch_size, device=dev)
-    det.calibrate(calib)
+    val_x = ds.val.x()
+    calib = extract_features(loaded.model, val_x, batch_size=batch_size, device=dev)
+    det.calibrate(calib, inputs=val_x if cls.needs_inputs else None)
     realised = float(np.mean(det.calibration_scores_ > det.threshold_))
     n_threshold = int(det.calibration_size_)  # fewer than len(calib) where half of val set csg-clean's units
     fitted_on = {"dataset": data_name, "fit_split": "train", "calibration_split": "val",
@@ -154,7 +156,8 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
     if n_threshold < len(calib):
         fitted_on["units_images"] = int(len(calib) - n_threshold)
         fitted_on["calibration_population"] = ("the threshold half of the clean val images (misclassified "
-                                               "included); the other half set the units")
+                                               "included); the other half set the units (a union's: its "
+                                               "parts' clean tables)")
     path = save_detector(det, out if out is not None else loaded.run_dir, model_sha256=loaded.sha256,
                          extra_meta={"fitted_on": fitted_on, "realised_fpr_calibration": realised})
     summary = {"detector": detector, "path": str(path), "threshold": float(det.threshold_), "fpr": fpr,

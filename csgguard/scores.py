@@ -211,7 +211,7 @@ def surprise(arrays: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     return out.clamp_min(0.0).t()
 
 
-def _tail_table(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def tail_table(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Quantiles of each column of ``u`` at evenly spaced surprise levels (strictly increasing)."""
     n = len(u)
     s = np.linspace(0.0, np.log(max(n, 2)), TAIL_LEVELS)
@@ -342,5 +342,5 @@ def _unit_arrays(v: np.ndarray, pred: np.ndarray, c_num: int, names: Sequence[st
     std = np.stack([v[pred == c].std(0) if np.sum(pred == c) > 1 else v.std(0) for c in range(c_num)])
     out = {"comp_mean_": mean, "comp_std_": np.maximum(std, 1e-6), "comp_precision_": shrunk_precision(v - mean[pred])}
     u = standardised(to_torch(out), names, torch.from_numpy(v), torch.from_numpy(np.asarray(pred))).numpy()
-    out["tail_q_"], out["tail_s_"] = _tail_table(u)
+    out["tail_q_"], out["tail_s_"] = tail_table(u)
     return out

@@ -59,6 +59,8 @@ class Screener:
         self.loaded: LoadedModel = load_model(run_dir, self.device)
         self.detector = load_detector(detector if detector is not None else self.loaded.run_dir,
                                       model_sha256=self.loaded.sha256)
+        if self.detector.needs_inputs:  # feature squeezing (alone or in a union) runs the model again
+            self.detector.bind_model(self.loaded.model)
         if threshold is None and not hasattr(self.detector, "threshold_"):
             raise CsgguardError("the detector has no calibrated threshold; pass --threshold or refit it")
         self.threshold = check_threshold(threshold if threshold is not None else self.detector.threshold_,

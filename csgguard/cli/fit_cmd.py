@@ -26,8 +26,10 @@ from .common import (
 @main.command("fit")
 @run_option
 @click.option("--detector", default="csg-clean", show_default=True,
-              help="csg-clean (clean-only, attack-agnostic) or csg-supervised (clean vs --attacks); "
-                   "also any array-only baseline (mahalanobis, lid, kd-bu).")
+              help="csg-clean (clean-only, attack-agnostic), csg-supervised (clean vs --attacks), csg-robust "
+                   "(trained against attacks on itself) or union (csg-clean and feature squeezing flagging "
+                   "together, --param parts=A,B; about four forward passes per screened image); also any "
+                   "baseline (mahalanobis, lid, kd-bu, feature-squeezing).")
 @click.option("--attacks", default="pgd,fgsm", show_default=True,
               help="Attacks generated on train-split images for a supervised detector (comma-separated): fgsm, "
                    "pgd, bim (every --eps), pgd-l2, bim-l2 (every --l2-eps), cw, deepfool; NAME@BUDGET for one.")
@@ -66,6 +68,7 @@ def fit_command(run_dir, detector, attacks, eps, l2_eps, fpr, limit, params, dat
       csgguard fit --detector csg-supervised --attacks fgsm --eps 0.1
       csgguard fit --detector csg-supervised --attacks fgsm,pgd,pgd-l2 --eps 0.05,0.1,0.2 --l2-eps 1
       csgguard fit --run runs/std --param combine=sum --out runs/std/sum.json
+      csgguard fit --run cifar10-resnet20-csg --detector union --out my/union.json  # + feature squeezing
     """
     from ..artifacts import check_output_dir, check_output_file, folder_lock
 
