@@ -29,3 +29,25 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def print_table(title: str, columns, rows: dict[str, list[float]]) -> None:
+    """A markdown table of one number per (row, column), three decimals, under a ``# title``."""
+    print(f"# {title}\n")
+    print("| statistic | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, values in rows.items():
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+
+
+def probe_parser(doc: str):
+    """The arguments every CIFAR-10 probe of the development pair takes (model, data, runs, cache)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("model", choices=("CSG", "STD"))
+    ap.add_argument("data_root", nargs="?", default="../shared/data/cifar10-jpeg")
+    ap.add_argument("--runs", default="benchmarks/gpu-runs", help="folder of cifar10-resnet20-{csg,std}")
+    ap.add_argument("--cache", default="runs/study/variants/cifar10-tail",
+                    help="the development grid's cached adversarial sets (benchmarks/detector_variants.py)")
+    return ap

@@ -22,12 +22,12 @@ successful attacks only. Prints AUROC per cell.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import print_table, probe_parser
 
 from csgguard import load_dataset, load_model
 from csgguard.attacks.advset import load_adversarial_set
@@ -92,11 +92,7 @@ class MomentProbe:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", choices=("CSG", "STD"))
-    ap.add_argument("data_root", nargs="?", default="../shared/data/cifar10-jpeg")
-    ap.add_argument("--runs", default="benchmarks/gpu-runs", help="folder of cifar10-resnet20-{csg,std}")
-    ap.add_argument("--cache", default="runs/study/variants/cifar10-tail")
+    ap = probe_parser(__doc__)
     ap.add_argument("--fit", type=int, default=10000, help="clean training images the statistics are fitted on")
     args = ap.parse_args()
 
@@ -115,12 +111,9 @@ def main() -> None:
         s = probe.scores({k: v[keep] for k, v in m.items()})
         for k in clean:
             table[k].append(auroc(clean[k], s[k]))
-    print(f"# feature-moment probe, {args.model} development model, CIFAR-10 (JPEG q75 copy), 1,000 clean images, "
-          f"statistics fitted on {len(train)} training images\n")
-    print("| statistic | " + " | ".join(CELLS) + " |")
-    print("|---" * (len(CELLS) + 1) + "|")
-    for k, v in table.items():
-        print(f"| {k} | " + " | ".join(f"{a:.3f}" for a in v) + " |")
+    title = (f"feature-moment probe, {args.model} development model, CIFAR-10 (JPEG q75 copy), 1,000 clean images, "
+             f"statistics fitted on {len(train)} training images")
+    print_table(title, CELLS, table)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ of the development grid (the last 1,000 images of the seed-0 test order, made by
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import print_table, probe_parser
 
 from csgguard import extract_features, load_dataset, load_model
 from csgguard.attacks.advset import load_adversarial_set
@@ -66,11 +66,7 @@ class LogitProbe:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", choices=("CSG", "STD"))
-    ap.add_argument("data_root", nargs="?", default="../shared/data/cifar10-jpeg")
-    ap.add_argument("--runs", default="benchmarks/gpu-runs", help="folder of cifar10-resnet20-{csg,std}")
-    ap.add_argument("--cache", default="runs/study/variants/cifar10-tail")
+    ap = probe_parser(__doc__)
     args = ap.parse_args()
 
     loaded = load_model(Path(args.runs) / f"cifar10-resnet20-{args.model.lower()}")
@@ -88,11 +84,8 @@ def main() -> None:
         s = probe.scores(fa.logits[fa.pred != adv.y])
         for k in clean:
             table[k].append(auroc(clean[k], s[k]))
-    print(f"# logit-statistics probe, {args.model} development model, CIFAR-10 (JPEG q75 copy), 1,000 clean images\n")
-    print("| statistic | " + " | ".join(CELLS) + " |")
-    print("|---" * (len(CELLS) + 1) + "|")
-    for k, v in table.items():
-        print(f"| {k} | " + " | ".join(f"{a:.3f}" for a in v) + " |")
+    title = f"logit-statistics probe, {args.model} development model, CIFAR-10 (JPEG q75 copy), 1,000 clean images"
+    print_table(title, CELLS, table)
 
 
 if __name__ == "__main__":
