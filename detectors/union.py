@@ -17,9 +17,9 @@ images run tight: csg-clean's distances most of all). So ``calibrate`` splits it
 clean images in two halves, stratified by predicted class: the parts' tables from one half,
 the union's threshold from the other, chosen by :meth:`Detector.calibrate` as everywhere else.
 
-Cost: the sum of the parts' (csg-clean + feature-squeezing: about four forward passes per
-image; ``benchmarks/detector_cost.py``). It is an option for natural images where that is
-affordable, not the default. It has no differentiable score, so ``evaluate --adaptive``
+Cost: the sum of the parts' (csg-clean + feature-squeezing: three extra forward passes plus
+the median filters, 3-6x one forward pass; ``benchmarks/detector_cost.py``). It is an option
+for natural images where that is affordable, not the default. It has no differentiable score, so ``evaluate --adaptive``
 does not attack it. Parts must be clean-only detectors that fit without attacking anything
 (csg-clean, mahalanobis, feature-squeezing; not a union).
 """

@@ -28,7 +28,7 @@ from .common import (
 @click.option("--detector", default="csg-clean", show_default=True,
               help="csg-clean (clean-only, attack-agnostic), csg-supervised (clean vs --attacks), csg-robust "
                    "(trained against attacks on itself) or union (csg-clean and feature squeezing flagging "
-                   "together, --param parts=A,B; about four forward passes per screened image); also any "
+                   "together, --param parts=A,B; three extra forward passes per screened image); also any "
                    "baseline (mahalanobis, lid, kd-bu, feature-squeezing).")
 @click.option("--attacks", default="pgd,fgsm", show_default=True,
               help="Attacks generated on train-split images for a supervised detector (comma-separated): fgsm, "
