@@ -133,9 +133,10 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
         log(f"fit: {len(adversarial)} successful adversarial train images ({', '.join(counts)})")
     det = cls(**{**(params or {}), "fpr": fpr})
     fit_kw = {}
-    # csg-robust attacks itself while it trains; feature squeezing (and a union holding it) runs the
-    # model on squeezed copies of the images: both need the model and the [0, 1] images
-    with_inputs = cls.needs_inputs or getattr(cls, "needs_model_to_fit", False)
+    # csg-robust attacks itself while it trains; feature squeezing (and a union holding it) and Mahalanobis
+    # with noise > 0 (hence the instance's flag, not the class's) run the model again: all need the model
+    # and the [0, 1] images
+    with_inputs = det.needs_inputs or getattr(cls, "needs_model_to_fit", False)
     if with_inputs:
         det.bind_model(loaded.model)
         fit_kw["inputs"] = train.subset(keep).x()
@@ -145,7 +146,7 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
     # population `csgguard evaluate` calibrates on)
     val_x = ds.val.x()
     calib = extract_features(loaded.model, val_x, batch_size=batch_size, device=dev)
-    det.calibrate(calib, inputs=val_x if cls.needs_inputs else None)
+    det.calibrate(calib, inputs=val_x if det.needs_inputs else None)
     realised = float(np.mean(det.calibration_scores_ > det.threshold_))
     n_threshold = int(det.calibration_size_)  # fewer than len(calib) where half of val set csg-clean's units
     fitted_on = {"dataset": data_name, "fit_split": "train", "calibration_split": "val",

@@ -140,7 +140,7 @@ class GateRobustDetector(Detector):
         self._model = model
         return self
 
-    # -- the score (one implementation, torch float64) -------------------------
+    # -- the score (one implementation; float64 to differentiate, float32 to screen) --
     def _tensors(self, device, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
         key = (str(device), dtype)
         cache = self.__dict__.setdefault("_torch", {})

@@ -127,3 +127,19 @@ def test_fit_and_screen_a_union_from_the_cli(digits_csg_run, tmp_path):
     assert len(rows) == 6 and all(row["error"] is None and np.isfinite(row["score"]) for row in rows)
     bad = CliRunner().invoke(main, ["fit", "--run", str(run), "--detector", "union", "--param", "parts=csg-clean"])
     assert bad.exit_code == 2 and "at least two parts" in bad.output
+
+
+@pytest.mark.parametrize("detector, params", [("feature-squeezing", {}), ("mahalanobis", {"noise": 0.01})])
+def test_fit_hands_the_images_to_detectors_that_run_the_model_again(digits_csg_run, tmp_path, detector, params):
+    """`fit` binds the model and passes the [0, 1] images to a detector that needs them, judged on the
+    instance (Mahalanobis needs them only with noise > 0), and the saved file screens."""
+    import shutil
+
+    from csgguard.fitting import fit_detector
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_csg_run, run)
+    result = fit_detector(run, detector=detector, params=params, limit=400, progress=False)
+    assert result.detector.needs_inputs and 0 < result.summary["realised_fpr_val"] <= 0.15
+    back = load_detector(result.path, model_sha256=load_model(run).sha256)
+    assert back.get_params()["fpr"] == 0.05
