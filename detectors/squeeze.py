@@ -3,9 +3,10 @@
 Score = max over squeezers of the L1 distance between the model's softmax on the
 original input and on the squeezed input. Squeezers: colour bit-depth reduction
 (default 1 bit for grey images, 5 bits for colour, the paper's choices for MNIST /
-CIFAR-10) and median smoothing over 2x2 and 3x3 windows. Unsupervised: nothing is
-learnt; the threshold comes from clean calibration data (``calibrate``). It needs
-the model and the [0, 1] inputs: one extra forward pass per squeezer.
+CIFAR-10; ``bits=0`` leaves it out) and median smoothing over 2x2 and 3x3 windows.
+Unsupervised: nothing is learnt; the threshold comes from clean calibration data
+(``calibrate``). It needs the model and the [0, 1] inputs: one extra forward pass per
+squeezer.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class FeatureSqueezingDetector(Detector):
     needs_inputs = True
     _parameter_constraints = {
         **Detector._parameter_constraints,
-        "bits": [None, Interval(Integral, 1, 8, closed="both")],
+        "bits": [None, Interval(Integral, 0, 8, closed="both")],
         "median": ["array-like"],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
     }
@@ -59,14 +60,18 @@ class FeatureSqueezingDetector(Detector):
         self.batch_size = batch_size
 
     def squeezers(self, channels: int) -> list[tuple[str, Any]]:
+        """The squeezers in use: bit depth (``bits``; None: the paper's 1 for grey, 5 for colour; 0: none)
+        and a median filter per size in ``median``. Each costs one extra forward pass."""
         bits = self.bits if self.bits is not None else (1 if channels == 1 else 5)
-        out = [(f"bits{bits}", lambda x: reduce_bit_depth(x, bits))]
+        out = [(f"bits{bits}", lambda x: reduce_bit_depth(x, bits))] if bits else []
         out += [(f"median{k}x{k}", lambda x, k=k: median_smooth(x, k)) for k in self.median]
         return out
 
     def _fit(self, clean: Features, adversarial, *, inputs=None, adversarial_inputs=None) -> None:
         if any(isinstance(k, bool) or not isinstance(k, Integral) or k < 2 for k in self.median):
             raise CsgguardError(f"feature-squeezing median sizes must be integers >= 2, got {self.median!r}")
+        if self.bits == 0 and not len(self.median):
+            raise CsgguardError("feature-squeezing needs a squeezer: bits=0 and no median size leave none")
         self.num_classes_ = clean.num_classes  # nothing to learn
 
     @torch.no_grad()

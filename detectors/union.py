@@ -51,6 +51,10 @@ class UnionDetector(Detector):
     ----------
     parts : str
         Comma-separated detector names, at least two (default ``csg-clean,feature-squeezing``).
+    part_params : dict or None
+        Parameters of the parts by name, e.g. ``{"feature-squeezing": {"bits": 0, "median": [2]}}``
+        (the 2x2 median alone: one extra forward pass instead of three); a part not named keeps
+        its defaults.
     combine : {"sum", "max"}
         Sum of the parts' clean surprises (default) or the largest.
     fpr : float
@@ -63,18 +67,37 @@ class UnionDetector(Detector):
     _parameter_constraints = {
         **Detector._parameter_constraints,
         "parts": [str],
+        "part_params": [None, dict],
         "combine": [StrOptions(set(COMBINES))],
     }
 
-    def __init__(self, *, parts: str = "csg-clean,feature-squeezing", combine: str = "sum",
-                 fpr: float = 0.05) -> None:
+    def __init__(self, *, parts: str = "csg-clean,feature-squeezing", part_params: dict | None = None,
+                 combine: str = "sum", fpr: float = 0.05) -> None:
         super().__init__(fpr=fpr)
         self.parts = parts
+        self.part_params = part_params
         self.combine = combine
 
     def validate_params(self) -> None:
         super().validate_params()
-        self.part_names()
+        for name in self.part_names():
+            self._part(name).validate_params()
+
+    def _part(self, name: str) -> Detector:
+        """An unfitted part: ``name`` with its ``part_params`` (checked: only the parts' names, dict values)."""
+        from . import build_detector
+
+        given = dict(self.part_params or {})
+        unknown = sorted(set(given) - set(self.part_names()))
+        if unknown:
+            raise CsgguardError(f"union: part_params names {', '.join(unknown)}: not among the parts {self.parts!r}")
+        own = given.get(name) or {}
+        if not isinstance(own, dict) or "fpr" in own:
+            raise CsgguardError(f"union: part_params[{name!r}] must be a dict of that detector's parameters (not fpr)")
+        try:
+            return build_detector(name, fpr=self.fpr, **own)
+        except TypeError as exc:
+            raise CsgguardError(f"union: part_params[{name!r}]: {exc}") from None
 
     def part_names(self) -> list[str]:
         """The parts, checked: known names, at least two, no repeats, each clean-only and fittable here."""
@@ -100,12 +123,10 @@ class UnionDetector(Detector):
 
     # -- fit / calibrate --------------------------------------------------------
     def _fit(self, clean: Features, adversarial=None, *, inputs=None, adversarial_inputs=None) -> None:
-        from . import build_detector
-
         model = getattr(self, "_model", None)
         parts = []
         for n in self.part_names():
-            det = build_detector(n, fpr=self.fpr)
+            det = self._part(n)
             if model is not None:
                 det.bind_model(model)
             det.fit(clean, inputs=inputs if det.needs_inputs else None)

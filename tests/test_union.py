@@ -143,3 +143,26 @@ def test_fit_hands_the_images_to_detectors_that_run_the_model_again(digits_csg_r
     assert result.detector.needs_inputs and 0 < result.summary["realised_fpr_val"] <= 0.15
     back = load_detector(result.path, model_sha256=load_model(run).sha256)
     assert back.get_params()["fpr"] == 0.05
+
+
+def test_part_params_set_a_lighter_squeezing_part(digits, tmp_path):
+    """``part_params`` reaches the part (the 2x2 median alone, no bit depth: one extra forward pass) and
+    survives a save/load; names outside the parts, non-dict values, an fpr or an unknown parameter are
+    refused before any work; squeezing with no squeezer left is refused."""
+    loaded, x, f = digits
+    light = {"feature-squeezing": {"bits": 0, "median": [2]}}
+    det = build_detector("union", part_params=light).bind_model(loaded.model)
+    det.fit(f["fit"], inputs=x["fit"]).calibrate(f["val"], inputs=x["val"])
+    assert [name for name, _ in det.parts_[1].squeezers(1)] == ["median2x2"]
+    save_detector(det, tmp_path, model_sha256=loaded.sha256)
+    back = load_detector(tmp_path, model_sha256=loaded.sha256).bind_model(loaded.model)
+    assert back.get_params()["part_params"] == light
+    np.testing.assert_array_equal(back.score_samples(f["test"], inputs=x["test"]),
+                                  det.score_samples(f["test"], inputs=x["test"]))
+    for bad, message in [({"lid": {}}, "not among the parts"), ({"feature-squeezing": 2}, "must be a dict"),
+                         ({"feature-squeezing": {"fpr": 0.1}}, "must be a dict"),
+                         ({"feature-squeezing": {"nonsense": 1}}, "nonsense")]:
+        with pytest.raises(CsgguardError, match=message):
+            build_detector("union", part_params=bad).validate_params()
+    with pytest.raises(CsgguardError, match="needs a squeezer"):
+        build_detector("feature-squeezing", bits=0, median=()).fit(f["fit"])
