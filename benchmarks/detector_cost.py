@@ -58,7 +58,8 @@ def main() -> None:
     specs = [("csg-clean", {}), ("csg-supervised", {}), ("mahalanobis", {}), ("mahalanobis", {"noise": 0.01}),
              ("lid", {}), ("kd-bu", {}), ("feature-squeezing", {}),
              # the screening cost does not depend on how many attacked images trained the heads
-             ("csg-robust", {"limit": 200, "rounds": 1}), ("union", {})]
+             ("csg-robust", {"limit": 200, "rounds": 1}), ("union", {}),
+             ("union", {"part_params": {"feature-squeezing": {"bits": 0, "median": [2]}}})]
     for name, params in specs:
         det = build_detector(name, **params)
         if hasattr(det, "bind_model"):
@@ -66,9 +67,10 @@ def main() -> None:
         det.fit(fit, adv if det.supervised else None, inputs=fit_x)
         det.calibrate(cal, inputs=cal_x)
         inputs = x if det.needs_inputs else None
-        extra = {"feature-squeezing": "3 fwd", "union": "3 fwd",
+        light = "part_params" in params  # the union with the 2x2 median alone as its squeezing part
+        extra = {"feature-squeezing": "3 fwd", "union": "1 fwd" if light else "3 fwd",
                  "mahalanobis": "fwd+bwd+fwd" if params else "0"}.get(name, "0")
-        label = name + (f" noise={params['noise']}" if "noise" in params else "")
+        label = name + (f" noise={params['noise']}" if "noise" in params else "") + (" (median 2x2)" if light else "")
         arithmetic = [("", S.SCREEN_DTYPE)] + ([(" (float64)", torch.float64)] if name.startswith("csg-") else [])
         for suffix, dtype in arithmetic:
             shipped, S.SCREEN_DTYPE = S.SCREEN_DTYPE, dtype
