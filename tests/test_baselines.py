@@ -161,7 +161,7 @@ def test_baselines_are_scikit_learn_estimators(name):
 @pytest.mark.parametrize("name, bad", [("mahalanobis", {"mode": "max"}), ("mahalanobis", {"noise": -1.0}),
                                        ("mahalanobis", {"shrinkage": 2.0}), ("lid", {"k": 0}),
                                        ("kd-bu", {"dropout": 1.0}), ("kd-bu", {"passes": 0}),
-                                       ("feature-squeezing", {"bits": 0}), ("lid", {"fpr": 1.5})])
+                                       ("feature-squeezing", {"bits": 9}), ("lid", {"fpr": 1.5})])
 def test_parameters_are_stored_untouched_and_validated_in_fit(name, bad):
     rng = np.random.default_rng(4)
     det = build_detector(name, **bad)  # __init__ only stores
