@@ -178,3 +178,15 @@ def stratified_folds(pred: np.ndarray, n_folds: int, rng: np.random.Generator) -
         rows = rng.permutation(np.flatnonzero(pred == c))
         folds[rows] = (np.arange(len(rows)) + int(rng.integers(n_folds))) % n_folds
     return folds
+
+
+#: the seed of :func:`calibration_halves` (fixed: a refit splits the same images the same way)
+UNITS_SEED = 0
+
+
+def calibration_halves(pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of held-out clean images in two halves stratified by predicted class (fixed seed): the
+    first sets a detector's clean units or tables, the second its threshold, so neither is read
+    off images that set the other (csg-clean ``units="held-out"``, ``union``)."""
+    half = stratified_folds(pred, 2, np.random.default_rng(UNITS_SEED))
+    return np.flatnonzero(half == 0), np.flatnonzero(half == 1)

@@ -32,17 +32,16 @@ import torch
 from .. import scores as S
 from ..errors import CsgguardError
 from ..features import Features
-from .base import Detector, stratified_folds
+from .base import Detector, calibration_halves
 
 #: the default components, combiner and covariance of ``csg-clean``, chosen by the second rule of
 #: docs/detectors.md (minimax regret over digits, MNIST and CIFAR-10, CSG and STD)
 DEFAULT_COMPONENTS = "taps-joint,pattern,margin"
 DEFAULT_COMBINE = "sum"
 DEFAULT_COVARIANCE = "tied"
-#: where csg-clean's units come from (``GateCleanDetector.units``) and the seed of the held-out halves
+#: where csg-clean's units come from (``GateCleanDetector.units``; the halves: base.calibration_halves)
 UNITS = ("fit", "held-out")
 DEFAULT_UNITS = "fit"
-UNITS_SEED = 0
 pseudo_gate = S.pseudo_gate  # re-exported: part of the public detector API
 
 
@@ -192,8 +191,7 @@ class GateCleanDetector(_GateProfile, Detector):
         if self.units == "fit":
             return super().calibrate(clean_heldout, inputs=inputs)
         self._check_fitted()
-        half = stratified_folds(clean_heldout.pred, 2, np.random.default_rng(UNITS_SEED))
-        unit_rows, threshold_rows = np.flatnonzero(half == 0), np.flatnonzero(half == 1)
+        unit_rows, threshold_rows = calibration_halves(clean_heldout.pred)
         self.arrays_ = S.anchor_units(self.arrays_, self.components_, clean_heldout.subset(unit_rows))
         self._torch = {}
         return super().calibrate(clean_heldout.subset(threshold_rows),

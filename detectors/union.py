@@ -35,12 +35,10 @@ from sklearn.utils._param_validation import StrOptions
 from .. import scores as S
 from ..errors import CsgguardError
 from ..features import Features
-from .base import Detector, NotFittedError, stratified_folds
+from .base import Detector, NotFittedError, calibration_halves
 
 #: how the parts' clean surprises are combined
 COMBINES = ("sum", "max")
-#: the seed of the calibration images' split into table / threshold halves
-UNITS_SEED = 0
 _PREFIX = "part{}."
 
 
@@ -138,8 +136,7 @@ class UnionDetector(Detector):
         """The parts' clean tables from one half of ``clean_heldout`` (stratified by predicted class),
         the threshold from the other half (module docstring)."""
         self._check_fitted()
-        folds = stratified_folds(clean_heldout.pred, 2, np.random.default_rng(UNITS_SEED))
-        table_rows, threshold_rows = np.flatnonzero(folds == 0), np.flatnonzero(folds == 1)
+        table_rows, threshold_rows = calibration_halves(clean_heldout.pred)
         if len(table_rows) < 2:
             raise CsgguardError(f"{len(clean_heldout)} clean calibration images are too few for a union "
                                 "(half of them set the parts' clean tables)")

@@ -290,8 +290,7 @@ def test_held_out_units_split_calibration_images_and_keep_statistics(tmp_path, c
     predicted class) and thresholds on the other; the class statistics stay the fit's. The stored units
     are the units half's per-class component means, the threshold half is disjoint from it, and the
     detector survives a save/load."""
-    from csgguard.detectors.base import stratified_folds
-    from csgguard.detectors.gate import UNITS_SEED
+    from csgguard.detectors.base import UNITS_SEED, stratified_folds
 
     loaded, _, f = csg
     held = f["test"]  # clean images the statistics were not fitted on

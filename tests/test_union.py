@@ -15,9 +15,8 @@ from csgguard import CsgguardError, extract_features, load_dataset, load_model
 from csgguard import scores as S
 from csgguard.cli import main
 from csgguard.detectors import build_detector
-from csgguard.detectors.base import stratified_folds
+from csgguard.detectors.base import UNITS_SEED, stratified_folds
 from csgguard.detectors.store import load_detector, save_detector
-from csgguard.detectors.union import UNITS_SEED
 
 
 @pytest.fixture(scope="module")
