@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import struct
 import tarfile
 from collections.abc import Iterator
@@ -387,6 +388,9 @@ def _scan_tar(path: Path, classes: list[str] | None = None) -> tuple[list[str], 
     return classes, items
 
 
+_LEGACY_CACHE_NAME = re.compile(r"[0-9a-f]{24}\.safetensors")
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("CSGGUARD_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "csgguard")
@@ -400,13 +404,20 @@ def _cached_decode(key_paths: list[Path], build, tag: str):
 
     from .artifacts import atomic_write_bytes
 
+    # An entry's name is <source>-<version>: the source is what was decoded (the files' paths and the
+    # decoding settings), the version is their size and mtime. A new version of a source replaces the old
+    # entry instead of sitting beside it: a copied or re-extracted data set (new mtimes, same paths) used
+    # to add another full-size entry every time, without bound.
     # "v3": entries written before arrays were made contiguous ("v1") hold scrambled pixels, and those of
     # the old per-module PIL decoder ("v2") other pixels than decode_image's; never reuse either
-    h = hashlib.sha256(f"v3|{tag}".encode())
+    source = hashlib.sha256(f"v3|{tag}".encode())
+    version = hashlib.sha256(b"v3")
     for p in key_paths:
         st = p.stat()
-        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    cache = _cache_dir() / f"{h.hexdigest()[:24]}.safetensors"
+        source.update(f"{p.resolve()}|".encode())
+        version.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    prefix = source.hexdigest()[:16]
+    cache = _cache_dir() / f"{prefix}-{version.hexdigest()[:16]}.safetensors"
     if cache.is_file():
         try:
             d = load_file(str(cache))
@@ -420,7 +431,13 @@ def _cached_decode(key_paths: list[Path], build, tag: str):
     try:
         atomic_write_bytes(cache, st_save_np(payload))
     except OSError:
-        pass  # a read-only cache is fine: we decode again next time
+        return classes, arrays  # a read-only (or full) cache is fine: we decode again next time
+    for stale in cache.parent.glob(f"{prefix}-*.safetensors"):
+        if stale != cache:
+            stale.unlink(missing_ok=True)
+    for legacy in cache.parent.glob("*.safetensors"):  # the one-hash names of before; never read again
+        if _LEGACY_CACHE_NAME.fullmatch(legacy.name):
+            legacy.unlink(missing_ok=True)
     return classes, arrays
 
 

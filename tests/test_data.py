@@ -233,3 +233,33 @@ def test_decode_cache_stores_non_contiguous_arrays_faithfully(tmp_path, monkeypa
     cached = _cached_decode([key], lambda: pytest.fail("the cache was not used"), "t")
     assert built[0] == cached[0] == ["a", "b"]
     np.testing.assert_array_equal(cached[1]["xtr"], view)
+
+
+def test_decode_cache_replaces_a_stale_entry_of_the_same_source(tmp_path, monkeypatch):
+    """A data set copied again (same paths, new mtime) must replace its cache entry, not add one:
+    re-extracted copies used to pile up full-size entries without bound."""
+    import os
+
+    from csgguard.data import _cached_decode
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CSGGUARD_CACHE", str(cache))
+    cache.mkdir()
+    legacy = cache / ("ab" * 12 + ".safetensors")  # an entry under the old one-hash naming
+    legacy.write_bytes(b"old")
+    other = cache / "notes.safetensors"  # not ours by its name: left alone
+    other.write_bytes(b"keep")
+    key = tmp_path / "key.bin"
+    key.write_bytes(b"x")
+    arrays = {"xtr": np.zeros((2, 3), dtype=np.uint8)}
+    _cached_decode([key], lambda: (["a"], arrays), "t")
+    _cached_decode([key], lambda: (["a"], arrays), "u")  # another source: its own entry
+    first = sorted(p.name for p in cache.glob("*-*.safetensors"))
+    assert len(first) == 2 and not legacy.exists() and other.exists()
+    os.utime(key, ns=(1, 1))  # same path, new version
+    _cached_decode([key], lambda: (["a"], arrays), "t")
+    second = sorted(p.name for p in cache.glob("*-*.safetensors"))
+    assert len(second) == 2 and second != first
+    rebuilt = []
+    _cached_decode([key], lambda: rebuilt.append(1) or (["a"], arrays), "t")
+    assert not rebuilt  # the new entry is the one read
