@@ -107,6 +107,23 @@ def save_adversarial_set(path: str | os.PathLike, advset: AdversarialSet) -> Pat
     return path
 
 
+def _check_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """Images: N x C x H x W floats, finite, ``x_adv`` shaped like ``x``; every other array one value per
+    row of its kind (integers, booleans). A hash recomputed over a tampered file passes; these do not."""
+    x, x_adv = arrays["x"], arrays["x_adv"]
+    if x.ndim != 4 or x_adv.shape != x.shape:
+        raise ArtifactError(f"{path}: x and x_adv must be N x C x H x W of one shape, got {x.shape} and {x_adv.shape}")
+    for k in ("x", "x_adv"):
+        if arrays[k].dtype.kind != "f" or not np.isfinite(arrays[k]).all():
+            raise ArtifactError(f"{path}: {k} must hold finite floats, got {arrays[k].dtype} with NaN / inf or "
+                                "not floating point")
+    for k in ARRAYS[2:]:
+        kind = "b" if _DTYPES[k] is np.bool_ else "iu"
+        if arrays[k].ndim != 1 or arrays[k].dtype.kind not in kind:
+            raise ArtifactError(f"{path}: {k} must be one {'boolean' if kind == 'b' else 'integer'} per row, "
+                                f"got {arrays[k].dtype} of shape {arrays[k].shape}")
+
+
 def load_adversarial_set(path: str | os.PathLike) -> AdversarialSet:
     """Read a set after checking its sha256 against the sidecar; never unpickles."""
     path = Path(path)
@@ -132,6 +149,7 @@ def load_adversarial_set(path: str | os.PathLike) -> AdversarialSet:
             meta = json.loads(str(npz["meta"]))
     except (ValueError, OSError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path}: not a valid adversarial-set npz ({exc.__class__.__name__}: {exc})") from None
+    _check_arrays(arrays, path)
     side_meta = {k: v for k, v in sidecar.items() if k not in ("npz_file", "npz_sha256")}
     if json.dumps(side_meta, sort_keys=True) != json.dumps(meta, sort_keys=True):
         raise ArtifactError(f"{side}: metadata differs from the copy inside {path.name} (sidecar edited?)")

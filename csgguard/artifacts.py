@@ -42,10 +42,18 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see either the old file or the new one."""
+    """Write ``data`` to ``path`` so that readers see either the old file or the new one.
+
+    An existing ``path`` that is not a regular file (``/dev/null``, a FIFO) is refused, never
+    replaced; a write the system refuses raises :class:`ArtifactError` naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _check_replaceable(path, "output")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -53,10 +61,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ArtifactError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
     return path
+
+
+def _check_replaceable(path: Path, what: str) -> None:
+    """Refuse an existing ``path`` that a rename would destroy: a device, FIFO or socket (``/dev/null``)."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode)):
+        raise CsgguardError(f"{what} {path}: is not a regular file (a device, FIFO or socket); give a file name")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -91,6 +113,7 @@ def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise CsgguardError(f"{what} {path}: is a folder; give a file name")
+    _check_replaceable(path, what)
     check_output_dir(path.parent, what=what)
     return path
 
@@ -303,6 +326,29 @@ def load_tensors(path: str | os.PathLike, expected_sha256: str | None, *,
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ArtifactError(f"{path}: not a valid safetensors file ({exc})") from None
     return (tensors, safetensors_metadata(data, path)) if with_metadata else tensors
+
+
+def check_format_version(manifest: Mapping[str, Any], path: str | os.PathLike, newest: int) -> int:
+    """The manifest's ``format_version`` (1 when absent, as the first files were written): an integer
+    this csgguard knows. A newer file is refused in one line rather than misread field by field."""
+    v = manifest.get("format_version", 1)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ArtifactError(f"{path}: format_version must be a positive integer, got {v!r}")
+    if v > newest:
+        raise ArtifactError(f"{path}: written in format version {v} by a newer csgguard; this one reads up to "
+                            f"version {newest} (upgrade csgguard)")
+    return v
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, *, allow_inf: bool = False) -> None:
+    """Refuse float tensors holding NaN (and inf unless ``allow_inf``): a damaged or tampered file
+    whose hash was recomputed would otherwise give NaN scores, and a NaN score flags nothing."""
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        if bool(torch.isnan(t).any()) or (not allow_inf and bool(torch.isinf(t).any())):
+            what = "NaN" if allow_inf else "NaN or inf"
+            raise ArtifactError(f"{path}: tensor {key!r} holds {what} (damaged file?); refusing to load")
 
 
 def library_versions() -> dict[str, str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import CsgguardError, DataError
 from .images import DECODER_VERSION, IMAGE_SUFFIXES
 
 MNIST_FILES = {
@@ -203,12 +203,28 @@ def _find_file(root: Path, stem: str, subdirs: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _read_maybe_gz(path: Path) -> bytes:
+# The canonical files' decompressed sizes: reading stops one byte past them, so a gzip bomb named
+# like an MNIST file costs that much memory, not whatever it expands to
+MNIST_SIZES = {"train_images": 47_040_016, "train_labels": 60_008, "test_images": 7_840_016, "test_labels": 10_008}
+_UNVERIFIED_LIMIT = 1 << 30  # --no-verify (IDX files of another data set): still bounded
+
+
+def _read_maybe_gz(path: Path, limit: int) -> bytes:
     try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        with path.open("rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            if gz:
+                with gzip.GzipFile(fileobj=f) as g:
+                    data = g.read(limit + 1)
+            else:
+                data = f.read(limit + 1)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
+    if len(data) > limit:
+        raise DataError(f"{path}: holds more than {limit:,} bytes{' once decompressed' if gz else ''}, more than "
+                        "this MNIST file can (corrupt, or not MNIST)")
+    return data
 
 
 def read_idx(data: bytes, path: Path) -> np.ndarray:
@@ -234,7 +250,7 @@ def load_mnist_dataset(root: str | os.PathLike, val_fraction: float = 1 / 12, se
         path = _find_file(root, stem, subdirs)
         if path is None:
             raise DataError(f"{root}: MNIST file {stem}[.gz] not found (looked in {', '.join(subdirs)})")
-        data = _read_maybe_gz(path)
+        data = _read_maybe_gz(path, MNIST_SIZES[key] if verify else _UNVERIFIED_LIMIT)
         if verify:
             got = hashlib.md5(data).hexdigest()
             if got != md5:
@@ -263,13 +279,28 @@ def _decode(data: bytes, name: str, mode: str | None, size: int | None) -> np.nd
 
 def _decode_many(items: list[tuple[str, bytes, int]], mode: str | None, size: int | None
                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image; the bad ones are all named in one error (the first few by name, then a
+    count), so a user fixes a folder in one pass rather than one file per run."""
     if not items:
         raise DataError("no images found")
-    if mode is None or size is None:
-        first = _decode(items[0][1], items[0][0], mode, size)
-        mode = mode or ("L" if first.shape[0] == 1 else "RGB")
-        size = size or first.shape[1]
-    images = np.stack([_decode(data, name, mode, size) for name, data, _ in items])
+    failures: list[str] = []
+    decoded: list[np.ndarray] = []
+    for name, data, _ in items:
+        try:
+            arr = _decode(data, name, mode, size)
+        except DataError as exc:
+            failures.append(str(exc))
+            continue
+        if mode is None or size is None:  # the first good image sets the colour mode and the size
+            mode = mode or ("L" if arr.shape[0] == 1 else "RGB")
+            size = size or arr.shape[1]
+            arr = _decode(data, name, mode, size)  # as every later image will be
+        decoded.append(arr)
+    if failures:
+        more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+        raise DataError(f"{len(failures)} of {len(items)} images cannot be decoded (fix or remove them): "
+                        + "; ".join(failures[:3]) + more)
+    images = np.stack(decoded)
     labels = np.array([label for _, _, label in items], dtype=np.int64)
     return images, labels
 
@@ -430,7 +461,7 @@ def _cached_decode(key_paths: list[Path], build, tag: str):
     payload["classes"] = np.frombuffer("\n".join(classes).encode(), dtype=np.uint8).copy()
     try:
         atomic_write_bytes(cache, st_save_np(payload))
-    except OSError:
+    except (OSError, CsgguardError):
         return classes, arrays  # a read-only (or full) cache is fine: we decode again next time
     for stale in cache.parent.glob(f"{prefix}-*.safetensors"):
         if stale != cache:

@@ -122,8 +122,10 @@ def detector_bases(detectors: Sequence[str], params: dict[str, dict[str, Any]]) 
         base = params.get(d, {}).get("detector", d)
         if base not in DETECTORS:
             hint = "" if d == base else f" (variant {d!r})"
-            raise CsgguardError(f"unknown detector {base!r}{hint}; choose from {', '.join(DETECTORS)} or give "
-                                "a variant's base in --detector-params as {\"NAME\": {\"detector\": \"csg-clean\"}}")
+            # variants come from detector_params (the sweep's --detector-params; `csgguard evaluate` has none)
+            variants = (" or give a variant's base in --detector-params as {\"NAME\": {\"detector\": "
+                        "\"csg-clean\"}}") if params else ""
+            raise CsgguardError(f"unknown detector {base!r}{hint}; choose from {', '.join(DETECTORS)}{variants}")
         out[d] = base
     return out
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .artifacts import atomic_write_bytes, atomic_write_text, write_json
 from .errors import ArtifactError
+from .safetext import visible
 from .sweep import format_eps
 
 SUMMARY_COLUMNS = ["model", "detector", "cell", "seen", "auroc", "tpr_at_target_fpr", "tpr_at_5pct_fpr",
@@ -72,10 +73,11 @@ def _budgeted_attacks(report: dict[str, Any]) -> list[tuple[str, str, list[float
 
 def _header(report: dict[str, Any]) -> list[str]:
     s = report["settings"]
-    lines = [f"# Detection report: {report['data']['dataset']}", ""]
+    # paths and dataset specs are the user's bytes (maybe not UTF-8, maybe ESC): escaped as everywhere else
+    lines = [f"# Detection report: {visible(report['data']['dataset'])}", ""]
     for label, m in report["models"].items():
         dens = "" if m["gate_density"] is None else f", gate density {m['gate_density']:.3f}"
-        lines.append(f"- **{label.upper()}** `{m['run']}` ({m['arch']}, K={m['num_filters']}{dens}): "
+        lines.append(f"- **{label.upper()}** `{visible(m['run'])}` ({m['arch']}, K={m['num_filters']}{dens}): "
                      f"accuracy on the evaluation split {_f(m['accuracy_evaluation_split'])}")
     sz = report["split_sizes"]
     lines += [f"- Test images split once (seed {s['seed']}): fit {sz['fit']}, calibration {sz['calibration']}, "

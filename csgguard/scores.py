@@ -82,6 +82,9 @@ _MARGIN_FLOOR = 1e-6
 
 def parse_components(value: str | Sequence[str]) -> tuple[str, ...]:
     """``"taps,pattern"`` or a sequence -> a validated tuple of component families, in canonical order."""
+    if not isinstance(value, (str, list, tuple)):
+        raise CsgguardError(f"components must be comma-separated names or a list of them, got {value!r}; "
+                            f"choose from {', '.join(COMPONENTS)}")
     names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
     names = [n for n in names if n]
     bad = [n for n in names if n not in COMPONENTS]

@@ -113,7 +113,10 @@ class Screener:
                 for j, p in enumerate(pos):
                     row = {"path": entries[p][0], "predicted_class": None, "confidence": None,
                            "score": None, "flagged": None, "error": errors[j], "converted": conversions[j]}
-                    if j in at:
+                    if j in at and (np.isnan(score[at[j]]) or np.isnan(conf[at[j]])):
+                        # a NaN score compares False with any threshold: never report it as "not flagged"
+                        row["error"] = "the model or detector gave NaN for this image (damaged run or detector?)"
+                    elif j in at:
                         n = at[j]
                         row.update(predicted_class=self.classes[int(pred[n])], confidence=float(conf[n]),
                                    score=float(score[n]), flagged=bool(score[n] > self.threshold))

@@ -62,7 +62,7 @@ from .errors import CsgguardError
 from .features import extract_features
 from .metrics import accuracy, mutual_information_score
 from .models import CSGNet, ModelConfig
-from .models.store import save_model
+from .models.store import LIMITS, save_model
 from .progress import make_progress
 
 # Per-dataset defaults: chosen so `make demo` trains in well under a minute on 2 CPU
@@ -147,6 +147,9 @@ class TrainConfig:
             raise CsgguardError(f"--epochs must be >= 1, got {self.epochs}")
         if self.train_limit is not None and self.train_limit < 1:
             raise CsgguardError(f"train_limit must be >= 1, got {self.train_limit}")
+        if self.width is not None and not 1 <= self.width <= LIMITS["width"]:
+            raise CsgguardError(f"--width must be in [1, {LIMITS['width']}] (the most a model.json may hold), "
+                                f"got {self.width}")
         if self.batch_size is not None and self.batch_size < 1:
             raise CsgguardError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.optimizer not in (None, "adam", "sgd"):

@@ -56,16 +56,21 @@ class _GateProfile:
     def _resolved_components(self) -> tuple[str, ...]:
         return S.parse_components(self.components)
 
-    def _fit_profile(self, clean: Features) -> None:
+    def validate_params(self) -> None:
+        """The parameters both gate detectors share; checked by ``fit`` and by ``csgguard fit`` before any work."""
+        super().validate_params()
         if self.gate not in ("auto", "model", "pseudo"):
             raise CsgguardError(f"gate must be 'auto', 'model' or 'pseudo', not {self.gate!r}")
+        self._resolved_components()
+        S.check_covariance(self.covariance)
+
+    def _fit_profile(self, clean: Features) -> None:
         if self.gate == "model" and clean.gate is None:
             raise CsgguardError("gate='model' needs a CSG model (this model has no gate); use gate='auto' or 'pseudo'")
         comps = self._resolved_components()
         if S.uses_taps(comps) and not clean.taps:
             raise CsgguardError("components 'taps' / 'taps-joint' need features with earlier-layer taps "
                                 "(extract_features gives them)")
-        S.check_covariance(self.covariance)
         use_model = clean.gate is not None and self.gate in ("auto", "model")
         self.gate_source_ = "model" if use_model else "pseudo"
         gate = (np.asarray(clean.gate, dtype=np.float64) if use_model
@@ -177,10 +182,13 @@ class GateCleanDetector(_GateProfile, Detector):
         if self.units not in UNITS:
             raise CsgguardError(f"csg-clean: unknown units {self.units!r}; choose from {', '.join(UNITS)}")
 
-    def _fit(self, clean: Features, adversarial=None, *, inputs=None, adversarial_inputs=None) -> None:
+    def validate_params(self) -> None:
+        super().validate_params()
         if self.combine not in S.COMBINERS:
             raise CsgguardError(f"unknown combine {self.combine!r}; choose from {', '.join(S.COMBINERS)}")
         self._check_units()
+
+    def _fit(self, clean: Features, adversarial=None, *, inputs=None, adversarial_inputs=None) -> None:
         self._fit_profile(clean)
 
     def calibrate(self, clean_heldout: Features, *, inputs=None) -> GateCleanDetector:
@@ -254,11 +262,14 @@ class GateSupervisedDetector(_GateProfile, Detector):
         two = [i for i, n in enumerate(self.columns_) if n in S.TWO_SIDED]
         return torch.cat([z, z[:, two].abs()], 1).clamp(-1e6, 1e6)
 
+    def validate_params(self) -> None:
+        super().validate_params()
+        if isinstance(self.C, bool) or not (isinstance(self.C, (int, float)) and np.isfinite(self.C) and self.C > 0):
+            raise CsgguardError(f"C must be a positive number, got {self.C!r}")
+
     def _fit(self, clean: Features, adversarial: Features | None, *, inputs=None, adversarial_inputs=None) -> None:
         from sklearn.linear_model import LogisticRegression
 
-        if not (isinstance(self.C, (int, float)) and np.isfinite(self.C) and self.C > 0):
-            raise CsgguardError(f"C must be a positive number, got {self.C!r}")
         self._fit_profile(clean)
         x = torch.cat([self.feature_matrix(clean), self.feature_matrix(adversarial)]).numpy()
         y = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]

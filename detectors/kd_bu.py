@@ -25,6 +25,7 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 from sklearn.utils._param_validation import Interval
 
+from ..errors import CsgguardError
 from ..features import Features
 from .base import Detector
 from .logistic import fit_logistic_pipeline, load_pipeline_arrays, logistic_decision
@@ -96,6 +97,9 @@ class KDBUDetector(Detector):
     def _choose_bandwidth(self, f: np.ndarray, cls: np.ndarray) -> float:
         """Leave-one-out log-likelihood of the clean fit features, per class, over a grid."""
         d2_by_class = [_sq_dists(f[cls == c], f[cls == c]) for c in np.unique(cls) if (cls == c).sum() > 1]
+        if not d2_by_class:
+            raise CsgguardError(f"kd-bu: no predicted class has two of the {len(f)} clean fit images; choosing the "
+                                "kernel bandwidth needs a pair (raise --limit, or set --param bandwidth=X)")
         nn = np.concatenate([np.sqrt(np.sort(d2, 1)[:, 1]) for d2 in d2_by_class])
         base = float(np.median(nn)) or 1.0
         dim = f.shape[1]

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from sklearn.utils._param_validation import Interval
 
+from ..errors import CsgguardError
 from ..features import Features
 from .base import Detector
 from .logistic import fit_logistic_pipeline, load_pipeline_arrays, logistic_decision
@@ -76,6 +77,8 @@ class LIDDetector(Detector):
     def _fit(self, clean: Features, adversarial: Features | None, *, inputs=None, adversarial_inputs=None) -> None:
         rng = np.random.default_rng(self.seed)
         n = len(clean)
+        if n < 2:  # each reference row's LID is measured against the others
+            raise CsgguardError(f"lid: {n} clean fit image is too few (need at least 2; raise --limit)")
         ref = np.sort(rng.choice(n, min(n, self.max_reference), replace=False))
         self.ref_pooled_ = np.asarray(clean.pooled[ref], np.float64)
         self.ref_logits_ = np.asarray(clean.logits[ref], np.float64)

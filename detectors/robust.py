@@ -67,6 +67,9 @@ _GUARD_PREFIX = "guard."
 
 
 def _parse_blocks(value: str | Sequence[str]) -> tuple[str, ...]:
+    if not isinstance(value, (str, list, tuple)):
+        raise CsgguardError(f"csg-robust: inputs must be comma-separated blocks or a list of them, got {value!r}; "
+                            f"choose from {', '.join(BLOCKS)}")
     names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
     bad = [n for n in names if n not in BLOCKS]
     if bad or not names:
@@ -80,7 +83,10 @@ def _budgets(value, shape: tuple[int, ...]) -> tuple[float, ...]:
 
     if value is None:
         return tuple(default_sweep("linf", None, shape))
-    vals = [float(v) for v in (value.split(",") if isinstance(value, str) else np.atleast_1d(value))]
+    try:
+        vals = [float(v) for v in (value.split(",") if isinstance(value, str) else np.atleast_1d(value))]
+    except (TypeError, ValueError):
+        vals = []
     if not vals or any(not 0 < v <= 1 for v in vals):
         raise CsgguardError(f"csg-robust: train_eps must be Linf budgets in (0, 1], got {value!r}")
     return tuple(vals)
@@ -201,15 +207,30 @@ class GateRobustDetector(Detector):
             return self.torch_score(logits, pooled, taps, dtype=S.SCREEN_DTYPE).double().numpy()
 
     # -- fit ------------------------------------------------------------------
-    def _fit(self, clean: Features, adversarial=None, *, inputs=None, adversarial_inputs=None) -> None:
-        self.blocks_ = list(_parse_blocks(self.inputs))
+    def validate_params(self) -> None:
+        """Every parameter, checked by ``fit`` and by ``csgguard fit`` before any work."""
+        super().validate_params()
+        _parse_blocks(self.inputs)
         for k in ("hidden", "steps", "limit", "epochs", "batch_size"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise CsgguardError(f"csg-robust: {k} must be a positive integer, got {v!r}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
-            raise CsgguardError(f"csg-robust: rounds must be an integer >= 0, got {self.rounds!r}")
+        for k in ("rounds", "seed"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise CsgguardError(f"csg-robust: {k} must be an integer >= 0, got {v!r}")
+        for k in ("lr", "weight_decay"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0 or (
+                    k == "lr" and v == 0):
+                raise CsgguardError(f"csg-robust: {k} must be a finite number {'> 0' if k == 'lr' else '>= 0'}, "
+                                    f"got {v!r}")
+        if self.train_eps is not None:
+            _budgets(self.train_eps, ())
         self._check_guard()
+
+    def _fit(self, clean: Features, adversarial=None, *, inputs=None, adversarial_inputs=None) -> None:
+        self.blocks_ = list(_parse_blocks(self.inputs))
         if self._model is None or inputs is None:
             raise CsgguardError("csg-robust trains against attacks on itself: it needs the model (bind_model) and "
                                 "the fit images (inputs=); fit it through `csgguard evaluate` or the Python API")

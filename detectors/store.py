@@ -25,6 +25,8 @@ import torch
 
 from ..artifacts import (
     canonical_json,
+    check_finite,
+    check_format_version,
     library_versions,
     load_tensors,
     read_json,
@@ -88,6 +90,7 @@ def read_detector_manifest(path: str | os.PathLike) -> dict[str, Any]:
     manifest = read_json(manifest_path, "detector manifest")
     if manifest.get("format") != DETECTOR_FORMAT:
         raise ArtifactError(f"{manifest_path}: not a csgguard detector manifest (format={manifest.get('format')!r})")
+    check_format_version(manifest, manifest_path, FORMAT_VERSION)
     for key in ("name", "params", "model_sha256", "arrays"):
         if key not in manifest:
             raise ArtifactError(f"{manifest_path}: detector manifest lacks {key!r}")
@@ -146,6 +149,7 @@ def load_detector(path: str | os.PathLike, *, model_sha256: str | None) -> Detec
                                 "(detector.json edited?); refusing to load")
     elif manifest.get("format_version", 1) >= 2:
         raise ArtifactError(f"{manifest_path}: its arrays file lacks the manifest copy format version 2 requires")
+    check_finite(tensors, manifest_path.parent / name, allow_inf=True)  # mahalanobis: inf = class never seen
     arrays = {k: v.numpy() for k, v in tensors.items()}
     params, fitted = manifest["params"], manifest.get("fitted") or {}
     if not isinstance(params, dict) or not isinstance(fitted, dict):

@@ -74,3 +74,17 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_bytes(tmp_path / "f.bin", b"def")
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
     assert (tmp_path / "f.bin").read_bytes() == b"def"
+
+
+def test_a_write_the_system_refuses_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """ENOSPC, a read-only mount, /proc: an ArtifactError naming the file (exit 2), not an OSError
+    naming a temporary file (exit 3); no temporary file is left behind."""
+    import errno
+    import os
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(ArtifactError, match=r"f\.bin: cannot write \(No space left on device\)"):
+        atomic_write_bytes(tmp_path / "f.bin", b"abc")
+    assert list(tmp_path.iterdir()) == []

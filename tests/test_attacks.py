@@ -206,6 +206,34 @@ def test_save_load_round_trip_and_tamper(tmp_path, sets):
         load_adversarial_set(path2)
 
 
+@pytest.mark.parametrize("edit,needle", [
+    (lambda a: a["x_adv"].__setitem__(0, np.nan), "x_adv must hold finite floats"),
+    (lambda a: a.update(x_adv=a["x_adv"][:, :, :4]), "one shape"),
+    (lambda a: a.update(x_adv=np.zeros((), np.float32)), "one shape"),  # was a TypeError
+    (lambda a: a.update(y=a["y"].astype(np.float32) + 0.5), "y must be one integer per row"),
+    (lambda a: a.update(success=a["success"][:, None]), "success must be one boolean per row"),
+])
+def test_load_refuses_bad_arrays_even_with_a_matching_hash(tmp_path, sets, edit, needle):
+    """The sidecar's hash is no signature: a rewritten npz with its hash rewritten too must still hold
+    N x C x H x W finite images and one label per row."""
+    import io
+
+    from csgguard.artifacts import sha256_bytes
+
+    path = save_adversarial_set(tmp_path / "pgd.npz", sets["pgd"])
+    with np.load(path, allow_pickle=False) as raw:
+        arrays = {k: raw[k] for k in raw.files}
+    edit(arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path.write_bytes(buf.getvalue())
+    side = json.loads(sidecar_path(path).read_text())
+    side["npz_sha256"] = sha256_bytes(buf.getvalue())
+    sidecar_path(path).write_text(json.dumps(side))
+    with pytest.raises(ArtifactError, match=needle):
+        load_adversarial_set(path)
+
+
 def test_attack_run_split_records_model_and_indices(digits_csg_run, loaded):
     a = attack_run_split(digits_csg_run, "val", "fgsm", limit=20, eps=0.1, device="cpu")
     val = load_dataset("digits").val

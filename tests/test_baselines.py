@@ -87,6 +87,19 @@ def test_kd_bandwidth_chosen_on_fit_data_only():
     assert build_detector("kd-bu", passes=5, bandwidth=0.7).fit(fit_c, fit_a).bandwidth_ == 0.7
 
 
+def test_too_few_clean_fit_images_is_a_clear_error():
+    """One clean image per predicted class leaves kd-bu no pair to choose a bandwidth from, and lid no
+    neighbour: both were internal errors (``csgguard fit --limit 2``)."""
+    rng = np.random.default_rng(4)
+    clean, adv = _features(40, rng), _features(20, rng, adversarial=True)
+    one_each = clean.subset(np.array([np.flatnonzero(clean.pred == c)[0] for c in np.unique(clean.pred)]))
+    with pytest.raises(CsgguardError, match="kd-bu: no predicted class has two"):
+        build_detector("kd-bu", passes=2).fit(one_each, adv)
+    assert build_detector("kd-bu", passes=2, bandwidth=1.0).fit(one_each, adv).bandwidth_ == 1.0
+    with pytest.raises(CsgguardError, match="lid: 1 clean fit image is too few"):
+        build_detector("lid").fit(clean.subset(np.array([0])), adv)
+
+
 def test_squeezers_and_median():
     from csgguard.detectors.squeeze import median_smooth, reduce_bit_depth
 

@@ -66,6 +66,16 @@ def test_mnist_md5_mismatch_is_a_clear_error(tmp_path):
         load_mnist_dataset(tmp_path)
 
 
+def test_mnist_gzip_bomb_stops_at_the_files_known_size(tmp_path):
+    """A .gz named like an MNIST file that expands past the real file's size is refused after
+    reading one byte more than that size, never decompressed whole."""
+    _fake_mnist(tmp_path)
+    bomb = gzip.compress(bytes(64 << 20))  # 64 MiB of zeros in about 64 KiB
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(bomb)
+    with pytest.raises(DataError, match="more than 47,040,016 bytes once decompressed"):
+        load_mnist_dataset(tmp_path)
+
+
 def test_mnist_missing_root_and_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_dataset("mnist", tmp_path / "nope")
@@ -129,6 +139,11 @@ def test_empty_and_corrupt_image_folders(tmp_path):
     _tree(tmp_path / "bad")
     (tmp_path / "bad" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
     with pytest.raises(DataError, match="broken.png: cannot decode image"):
+        load_imagefolder_dataset(tmp_path / "bad")
+    # every bad file is named in the one error (a user fixes the folder in one pass), then a count
+    for i in range(5):
+        (tmp_path / "bad" / "dog" / f"b{i}.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"^6 of \d+ images cannot be decoded .*b0\.jpg.*b1\.jpg.*and 3 more$"):
         load_imagefolder_dataset(tmp_path / "bad")
 
 

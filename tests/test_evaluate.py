@@ -127,6 +127,26 @@ def test_cli_bad_input(digits_csg_run, tmp_path, extra, msg):
     assert not out.exists()
 
 
+def test_cli_unknown_detector_suggests_no_option_the_cli_lacks(digits_csg_run, tmp_path):
+    """--detector-params is the sweep script's option, not `csgguard evaluate`'s."""
+    code, text = _cli(["evaluate", "--run", str(digits_csg_run), "--out", str(tmp_path / "rep"), "--detectors",
+                       "nope"])
+    assert code == 2 and "unknown detector 'nope'" in text and "--detector-params" not in text, text
+
+
+def test_report_md_escapes_the_run_path(report):
+    """A run path with a non-UTF-8 byte crashed report.md after the figures were written (exit 3, a
+    half-written report); an ESC in it reached the file raw."""
+    import copy
+
+    from csgguard.report import markdown
+
+    r = copy.deepcopy(report)
+    r["models"]["csg"]["run"] = "run\udcff\x1b[31m"  # os.fsdecode(b"run\xff\x1b[31m")
+    md = markdown(r).encode("utf-8").decode()
+    assert "run\\xff\\x1b[31m" in md and "\x1b" not in md
+
+
 def test_cli_compare_run_mismatch(digits_csg_run, digits_std_run, tmp_path):
     from csgguard.models.store import save_model
 

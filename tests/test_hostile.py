@@ -194,6 +194,8 @@ def test_item4_huge_sizes_are_refused_before_anything_is_built(run_copy, monkeyp
     (lambda m: m["input"].update(height=99), "input section"),
     (lambda m: m.update(classes=[str(i) for i in range(9)] + ["0"]), "distinct"),
     (lambda m: m.update(classes=[f"c{i}" for i in range(10)]), "differ from the copy"),  # valid, but edited
+    (lambda m: m.update(format_version=99), "newer csgguard"),
+    (lambda m: m.update(format_version="x"), "format_version must be a positive integer"),
 ])
 def test_item5_6_malformed_model_json_is_one_line_exit_2(run_copy, edit, needle):
     _edit(run_copy / "model.json", edit)
@@ -214,6 +216,19 @@ def test_item5_non_finite_json_numbers_are_refused(run_copy, tmp_path):
         m["model"]["std"] = ["__X__"]
         (run_copy / "model.json").write_text(json.dumps(m).replace('"__X__"', bad))
         assert "finite" in one_line_error(_cli("inspect", "--run", run_copy))
+
+
+@pytest.mark.parametrize("version,needle", [(99, "newer csgguard"), (0, "format_version must be")])
+def test_item5_detector_of_an_unknown_format_version_is_refused(fitted_run, tmp_path, version, needle):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    m = json.loads((run / "detector.json").read_text())
+    m["format_version"] = version
+    (run / "detector.json").write_text(json.dumps(m))
+    line = one_line_error(_cli("screen", run, "--run", run))
+    assert "detector.json" in line and needle in line
 
 
 @pytest.mark.parametrize("threshold", ["NaN", "1e308", "-Infinity"])
@@ -262,6 +277,7 @@ def test_item5_screen_threshold_must_be_finite(fitted_run, value):
     (["train", "--lr", "nan"], "--lr"),
     (["train", "--lr", "inf"], "--lr"),
     (["train", "--width", "-4"], "--width"),
+    (["train", "--width", "100000"], "--width"),  # over what a model.json may hold: refused before training
     (["train", "--batch-size", "0"], "--batch-size"),
     (["train", "--density", "nan"], "--density"),
     (["evaluate", "--fpr", "nan"], "--fpr"),
@@ -514,3 +530,115 @@ def test_item16_plain_progress_lines_on_a_non_terminal(monkeypatch):
     assert lines and lines[-1].startswith("attack: 4/4 (100.0%)") and "\x1b" not in buf.getvalue()
     silent = make_progress(False)  # a rich Progress that draws nothing (tests/test_structure.py)
     assert not isinstance(silent, PlainProgress) and silent.disable
+
+
+# ----------------------------------------------------------------------------- hardening sweep
+
+@pytest.mark.parametrize("detector,param,needle", [
+    ("csg-clean", "components=5", "components"),         # not a string: was an internal error
+    ("csg-clean", "components=null", "components"),
+    ("csg-clean", "combine=bogus", "combine"),            # was refused only after the features were extracted
+    ("csg-clean", "units=x", "units"),
+    ("csg-supervised", "C=-1", "C must be"),              # was refused only after the attacks had run
+    ("csg-supervised", "gate=bogus", "gate"),
+    ("csg-robust", "lr=abc", "lr"),                       # these four were internal errors
+    ("csg-robust", "train_eps=abc", "train_eps"),
+    ("csg-robust", "seed=-1", "seed"),
+    ("csg-robust", "inputs=5", "inputs"),
+    ("union", 'part_params={"csg-clean": {"components": 5}}', "components"),
+])
+def test_detector_params_are_one_line_exit_2_before_any_work(digits_csg_run, tmp_path, monkeypatch, detector,
+                                                             param, needle):
+    def no_work(*a, **k):
+        raise AssertionError("work started before the detector's parameters were checked")
+    monkeypatch.setattr(importlib.import_module("csgguard.fitting"), "load_model", no_work)
+    line = one_line_error(_cli("fit", "--run", digits_csg_run, "--detector", detector, "--param", param,
+                               "--out", tmp_path / "d.json"))
+    assert needle in line, line
+    assert not list(tmp_path.iterdir())
+
+
+def test_forged_nan_weights_or_detector_arrays_are_refused(fitted_run, tmp_path):
+    """A hash is no signature: whoever rewrites a file can rewrite its hash. NaN in the weights or the
+    detector's arrays would make every score NaN, and a NaN score is never above the threshold."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load as st_load
+
+    from csgguard.artifacts import canonical_json, save_tensors
+    from csgguard.detectors.store import COVERED
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    (run / "image.png").write_bytes(b"")  # anything to screen: the run is refused before it is read
+    m = json.loads((run / "detector.json").read_text())
+    arrays = st_load((run / "detector.safetensors").read_bytes())
+    arrays["means_"] = torch.full_like(arrays["means_"], float("nan"))
+    m["arrays"]["sha256"] = save_tensors(run / "detector.safetensors", arrays, metadata={
+        "format": "csgguard.detector", "manifest": canonical_json({k: m.get(k) for k in COVERED})})
+    (run / "detector.json").write_text(json.dumps(m))
+    line = one_line_error(_cli("screen", run / "image.png", "--run", run))
+    assert "detector.safetensors" in line and "means_" in line and "NaN" in line, line
+
+    def nan_weights(m):  # _forge then re-signs these tensors
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(run / "model.safetensors"))
+        key = next(k for k, t in tensors.items() if t.is_floating_point())
+        tensors[key] = torch.full_like(tensors[key], np.nan)
+        save_file(tensors, str(run / "model.safetensors"))
+    _forge(run, nan_weights)
+    line = one_line_error(_cli("inspect", "--run", run))
+    assert "model.safetensors" in line and "NaN" in line, line
+
+
+def test_a_nan_score_is_an_error_row_never_unflagged(fitted_run, tmp_path, monkeypatch):
+    """Weights can be finite and still give NaN (a negative BatchNorm variance): such a row must not
+    read as screened-and-clean."""
+    import numpy as np
+
+    from csgguard.screening import Screener
+
+    real = Screener.score_batch
+
+    def nan_first(self, x):
+        pred, conf, score = real(self, x)
+        score = score.copy()
+        score[0] = np.nan
+        return pred, conf, score
+    monkeypatch.setattr(Screener, "score_batch", nan_first)
+    from csgguard import load_dataset
+    from csgguard.images import encode_png
+
+    x = load_dataset("digits").test.x()[:2].numpy()
+    for i in range(2):
+        (tmp_path / f"{i}.png").write_bytes(encode_png(x[i]))
+    r = _cli("screen", tmp_path, "--run", fitted_run, "--format", "jsonl", "--no-progress")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert rows[0]["flagged"] is None and rows[0]["score"] is None and "NaN" in rows[0]["error"]
+    assert rows[1]["error"] is None and rows[1]["score"] is not None
+    assert "1 errors" in r.stderr
+
+
+def test_an_output_that_is_a_device_or_fifo_is_refused_never_replaced(digits_csg_run, tmp_path):
+    """`--out /dev/null` as root used to replace /dev/null with a regular file (the rename of an
+    atomic write); a FIFO stands in for the device here."""
+    import stat
+
+    fifo = tmp_path / "out.npz"
+    os.mkfifo(fifo)
+    for args in (["attack", "--run", digits_csg_run, "--method", "fgsm", "--eps", "0.1", "--limit", "4",
+                  "--out", fifo],
+                 ["inspect", "--run", digits_csg_run, "--heatmap", fifo]):
+        line = one_line_error(_cli(*args))
+        assert "not a regular file" in line and str(fifo) in line, line
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    from csgguard.artifacts import atomic_write_bytes
+    from csgguard.errors import CsgguardError
+
+    with pytest.raises(CsgguardError, match="not a regular file"):
+        atomic_write_bytes(fifo, b"x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]

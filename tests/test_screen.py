@@ -156,6 +156,17 @@ def test_exit_codes(fitted_run, image_dirs, tmp_path, digits_std_run):
     assert _cli("screen", adv, "--run", fitted_run, "--format", "csv", "--fail-on-flag").exit_code == 1
     high = _cli("screen", adv, "--run", fitted_run, "--fail-on-flag", "--threshold", "1e12", "--format", "json")
     assert high.exit_code == 0 and not any(r["flagged"] for r in json.loads(high.stdout))
+    # fail closed: an input that could not be screened is not cleared under --fail-on-flag
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "upload.png").write_bytes(b"not a png")
+    assert _cli("screen", broken, "--run", fitted_run).exit_code == 0
+    closed = _cli("screen", broken, "--run", fitted_run, "--fail-on-flag", "--threshold", "1e12")
+    assert closed.exit_code == 1 and "failing closed" in closed.stderr, closed.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = _cli("screen", empty, "--run", fitted_run, "--fail-on-flag")
+    assert nothing.exit_code == 0 and "no image files found" in nothing.stderr, nothing.output
     assert _cli("screen", "--run", fitted_run).exit_code == 2                       # no PATH
     missing = _cli("screen", tmp_path / "nope", "--run", fitted_run)
     assert missing.exit_code == 2 and "no such file" in missing.stderr

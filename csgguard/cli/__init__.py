@@ -22,7 +22,7 @@ The main job, in order:
   csgguard inspect               accuracy, gate density, MIS, filter-class map
 
 \b
-Exit codes: 0 ok; 1 screen --fail-on-flag found a flagged image; 2 usage error
+Exit codes: 0 ok; 1 screen --fail-on-flag found a flagged or unreadable image; 2 usage error
 or bad input (one line on stderr naming the file and the problem); 3 internal
 error (CSGGUARD_DEBUG=1 shows the traceback); 130 interrupted.
 """

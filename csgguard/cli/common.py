@@ -2,7 +2,7 @@
 
 Exit codes (documented in ``csgguard --help``):
   0  success (for ``screen``: it ran, whether or not anything was flagged)
-  1  ``screen --fail-on-flag`` flagged at least one image
+  1  ``screen --fail-on-flag`` flagged at least one image, or could not screen one (fails closed)
   2  usage error or bad input (unknown name, missing/tampered file, bad value)
   3  internal error (a bug: rerun with CSGGUARD_DEBUG=1 for the traceback)
   130 interrupted (Ctrl-C); no half-written output is left behind

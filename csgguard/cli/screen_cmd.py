@@ -55,7 +55,9 @@ def _stream(rows, fmt: str) -> None:
 @click.option("--shard", default=None, metavar="I/N",
               help="Screen only block I (0-based) of N of the sorted file list; the shards' JSONL outputs "
                    "concatenated in order equal one unsharded run with the same --batch-size.")
-@click.option("--fail-on-flag", is_flag=True, help="Exit 1 when any image is flagged (for pipelines).")
+@click.option("--fail-on-flag", is_flag=True,
+              help="Exit 1 when any image is flagged or could not be screened (an error row): for pipelines, "
+                   "which should pass only what was screened and cleared.")
 @device_option
 @progress_option
 def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, follow_symlinks, batch_size, workers,
@@ -85,11 +87,14 @@ def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, fol
       csgguard screen images/                         # table
       csgguard screen -r images/ --format jsonl --workers 2 --batch-size 256
       csgguard screen images/ --shard 0/4 --format jsonl > part0.jsonl
-      csgguard screen upload.png --fail-on-flag       # exit 1 if flagged
+      csgguard screen upload.png --fail-on-flag       # exit 1 if flagged or unreadable
 
-    Exit status: 0 ran; 1 with --fail-on-flag and something flagged; 2 usage error.
+    Exit status: 0 ran; 1 with --fail-on-flag and something flagged or not
+    screenable (fail closed: an unreadable upload is not cleared); 2 usage error.
+    Finding no image at all is not an error (an empty shard, an empty upload
+    folder), but says so on stderr.
     """
-    from ..images import parse_shard
+    from ..images import IMAGE_SUFFIXES, parse_shard
     from ..screening import ROW_FIELDS, screen
 
     screener, rows = screen(paths, run_dir, detector=detector_path, threshold=threshold, recursive=recursive,
@@ -108,5 +113,9 @@ def screen_command(paths, run_dir, detector_path, fmt, threshold, recursive, fol
         log(f"note: skipped {s['skipped_subfolders']} sub-folder(s) (pass -r / --recursive to descend)")
     log(f"screened {s['images']} images: {s['flagged']} flagged, {s['errors']} errors, {s['converted']} converted "
         f"(threshold {s['threshold']:.4g}{', shard ' + s['shard'] if s.get('shard') else ''})")
-    if fail_on_flag and s["flagged"]:
+    if not s["images"]:
+        log("warning: no image files found in the given paths (suffixes: " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+    if fail_on_flag and (s["flagged"] or s["errors"]):
+        if s["errors"]:
+            log(f"--fail-on-flag: {s['errors']} input(s) could not be screened; failing closed")
         sys.exit(EXIT_FLAGGED)

@@ -29,6 +29,8 @@ import torch
 
 from ..artifacts import (
     canonical_json,
+    check_finite,
+    check_format_version,
     library_versions,
     load_tensors,
     read_json,
@@ -119,6 +121,7 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     manifest = read_json(path, "model manifest")
     if manifest.get("format") != MODEL_FORMAT:
         raise ArtifactError(f"{path}: not a csgguard model manifest (format={manifest.get('format')!r})")
+    check_format_version(manifest, path, FORMAT_VERSION)
     validate_manifest(manifest, path)
     return manifest
 
@@ -219,6 +222,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Loade
     try:
         config = ModelConfig.from_dict(manifest["model"])
         _check_shapes(config, tensors, weights_path)
+        check_finite(tensors, weights_path)
         model = CSGNet(config)
     except ArtifactError:
         raise
