@@ -120,14 +120,20 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
     ds = load_run_dataset(loaded, data_root=data_root)
     data_name = ds.name
     train = ds.train if limit is None else ds.train.subset(np.arange(min(limit, len(ds.train))))
-
-    clean, keep = _clean_features(loaded, train, batch_size, dev)
-    log(f"fit: {len(clean)} clean {data_name} train images (correctly classified of {len(train)})")
-    adversarial, counts = None, {}
+    # what the data decides is checked now too, before the features are extracted (minutes on CIFAR-10)
+    if len(ds.val) * fpr < 1:
+        raise CsgguardError(f"{len(ds.val)} clean calibration images (the val split) are too few for a {fpr:g} "
+                            f"false-positive rate (need at least {int(np.ceil(1 / fpr))})")
+    cells = None
     if cls.supervised:
         shape = tuple(train.images.shape[1:])
         cells = build_cells(attacks, resolve_budgets(linf_req, "linf", ds.name, shape),
                             resolve_budgets(l2_req, "l2", ds.name, shape))
+
+    clean, keep = _clean_features(loaded, train, batch_size, dev)
+    log(f"fit: {len(clean)} clean {data_name} train images (correctly classified of {len(train)})")
+    adversarial, counts = None, {}
+    if cells is not None:
         adversarial, counts = _adversarial_features(loaded, train.subset(keep), cells, batch_size, seed,
                                                     dev, progress, data_name)
         log(f"fit: {len(adversarial)} successful adversarial train images ({', '.join(counts)})")

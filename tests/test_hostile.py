@@ -274,6 +274,7 @@ def test_item5_screen_threshold_must_be_finite(fitted_run, value):
     (["attack", "--steps", "-1"], "--steps"),
     (["screen", ".", "--batch-size", "0"], "--batch-size"),
     (["screen", ".", "--workers", "-1"], "--workers"),
+    (["screen", ".", "--workers", "1000"], "--workers"),
     (["train", "--lr", "nan"], "--lr"),
     (["train", "--lr", "inf"], "--lr"),
     (["train", "--width", "-4"], "--width"),

@@ -333,3 +333,22 @@ def test_variant_study_regret_rule():
     ranked = mod.apply_regret_rule([r for r in rows if r["variant"] != "spiky"])
     assert [o["variant"] for o in ranked] == ["steady", "twin"]
     assert ranked[1]["max_regret"] == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--fpr", "1e-9"], "too few for a 1e-09 false-positive rate"),
+    (["--detector", "csg-supervised", "--l2-eps", "1e9"], "exceeds the largest possible L2 perturbation"),
+])
+def test_fit_refuses_what_the_data_decides_before_extracting_features(digits_csg_run, tmp_path, monkeypatch,
+                                                                      args, msg):
+    """A --fpr the val split cannot realise and an L2 budget larger than the images are refused once the
+    data is loaded, before the clean features are extracted (minutes on CIFAR-10)."""
+    import importlib
+
+    def no_work(*a, **k):
+        raise AssertionError("features were extracted before the request was checked")
+    monkeypatch.setattr(importlib.import_module("csgguard.fitting"), "_clean_features", no_work)
+    res = CliRunner().invoke(main, ["fit", "--run", str(digits_csg_run), "--out", str(tmp_path / "d.json"),
+                                    "--device", "cpu", *args])
+    assert res.exit_code == 2 and msg in res.output, res.output
+    assert not (tmp_path / "d.json").exists()

@@ -11,7 +11,6 @@ from ..progress import log
 from . import main
 from .common import (
     EXIT_FLAGGED,
-    NON_NEGATIVE_INT,
     POSITIVE_INT,
     FiniteFloat,
     csv_header,
@@ -22,6 +21,9 @@ from .common import (
     progress_option,
     run_option,
 )
+
+#: a cap on --workers: each is a process with its own interpreter and torch import (~300 MB)
+MAX_WORKERS = 64
 
 
 def _stream(rows, fmt: str) -> None:
@@ -50,8 +52,9 @@ def _stream(rows, fmt: str) -> None:
 @click.option("--follow-symlinks", is_flag=True,
               help="Read symlinks that lead outside the folder given (default: an error row each, not read).")
 @click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True)
-@click.option("--workers", type=NON_NEGATIVE_INT, default=0, show_default=True,
-              help="Decode worker processes (one thread each); 0 decodes in the main process.")
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=0, show_default=True,
+              help=f"Decode worker processes (one thread each, at most {MAX_WORKERS}); 0 decodes in the main "
+                   "process. More workers than cores only adds processes.")
 @click.option("--shard", default=None, metavar="I/N",
               help="Screen only block I (0-based) of N of the sorted file list; the shards' JSONL outputs "
                    "concatenated in order equal one unsharded run with the same --batch-size.")
