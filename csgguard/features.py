@@ -51,6 +51,19 @@ class Features:
         return Features(np.concatenate([p.logits for p in parts]), np.concatenate([p.pooled for p in parts]),
                         p0.gate, p0.fc_weight, p0.fc_bias, taps)
 
+    def require_finite(self, where: str) -> Features:
+        """Refuse NaN / inf features: a model whose weights are finite can still compute them (a forged
+        negative BatchNorm variance), and every statistic downstream would silently go NaN."""
+        bad = ~np.isfinite(self.logits).all(1) | ~np.isfinite(self.pooled).all(1)
+        for t in self.taps:
+            bad |= ~np.isfinite(t).all(1)
+        if bad.any():
+            from .errors import ArtifactError
+
+            raise ArtifactError(f"{where}: the model computes NaN or inf for {int(bad.sum())} of {len(self)} images "
+                                "(damaged or forged weights?)")
+        return self
+
     def gated_logits(self) -> np.ndarray:
         """z[n, c]: class c's logit when only c's gate column is open (needs a gate)."""
         if self.gate is None:

@@ -54,6 +54,7 @@ class FitResult:
 def _clean_features(loaded: LoadedModel, split: Split, batch_size: int, device) -> tuple[Features, np.ndarray]:
     """Features of the correctly classified images of ``split`` and their positions in it."""
     feats = extract_features(loaded.model, split.x(), batch_size=batch_size, device=device)
+    feats.require_finite(str(loaded.run_dir))
     keep = np.flatnonzero(feats.pred == split.labels.numpy())
     return feats.subset(keep), keep
 

@@ -125,7 +125,7 @@ def evaluate_model(loaded, dataset=None, split: str = "test", *, batch_size: int
 
         dataset = load_run_dataset(loaded)
     s = dataset.split(split)
-    feats = extract_features(loaded.model, s.x(), batch_size=batch_size)
+    feats = extract_features(loaded.model, s.x(), batch_size=batch_size).require_finite(str(loaded.run_dir))
     labels = s.labels.numpy()
     gate = loaded.model.gate
     return {

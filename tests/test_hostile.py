@@ -595,6 +595,30 @@ def test_forged_nan_weights_or_detector_arrays_are_refused(fitted_run, tmp_path)
     assert "model.safetensors" in line and "NaN" in line, line
 
 
+def test_finite_weights_that_compute_nan_are_one_line_errors_for_inspect_and_fit(fitted_run, tmp_path):
+    """A negative BatchNorm variance is finite and passes every load check, yet the network then
+    computes NaN: inspect and fit must say so in one line (sklearn's "Input X contains NaN" was exit 3)."""
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+
+    def negative_variance(m):  # _forge then re-signs these tensors
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(run / "model.safetensors"))
+        key = next(k for k in tensors if k.endswith("running_var"))
+        tensors[key] = -torch.ones_like(tensors[key])
+        save_file(tensors, str(run / "model.safetensors"))
+    _forge(run, negative_variance)
+    for args in (["inspect", "--run", run], ["fit", "--run", run, "--out", tmp_path / "d.json"]):
+        line = one_line_error(_cli(*args))
+        assert "computes NaN or inf" in line and str(run) in line, line
+    assert not (tmp_path / "d.json").exists()
+
+
 def test_a_nan_score_is_an_error_row_never_unflagged(fitted_run, tmp_path, monkeypatch):
     """Weights can be finite and still give NaN (a negative BatchNorm variance): such a row must not
     read as screened-and-clean."""
