@@ -106,6 +106,10 @@ class Detector(BaseEstimator):
                                 f"rate (need at least {int(np.ceil(1 / self.fpr))})")
         scores = self.score_samples(clean_heldout, inputs=inputs)
         self.threshold_ = threshold_at_fpr(scores, self.fpr)
+        if not np.isfinite(self.threshold_):  # say why here, not later as a broken file
+            raise CsgguardError(f"detector {self.name!r}: {int((~np.isfinite(scores)).sum())} of {n} clean calibration "
+                                f"scores are not finite, so no threshold holds a {self.fpr:g} false-positive rate "
+                                "(too few clean fit images for some class? raise --limit)")
         self.calibration_size_ = n
         # kept (not saved) so a report can read other operating points off the same calibration
         self.calibration_scores_ = scores

@@ -236,3 +236,15 @@ def test_mahalanobis_covariance_is_ledoit_wolf():
     centred = np.concatenate([pooled[pred == c] - pooled[pred == c].mean(0) for c in np.unique(pred)])
     np.testing.assert_allclose(det.precision_, LedoitWolf(assume_centered=True).fit(centred).precision_,
                                rtol=1e-8)
+
+
+def test_a_non_finite_calibration_threshold_is_refused_with_its_reason():
+    """Mahalanobis scores a predicted class it never saw in fit as inf; when those reach the threshold's
+    quantile the error must say so at calibration, not later as a broken detector file."""
+    rng = np.random.default_rng(0)
+    fit = _features(200, rng)
+    fit = fit.subset(np.flatnonzero(fit.pred != 0))  # class 0 never predicted in fit
+    det = build_detector("mahalanobis", mode="pred").fit(fit)
+    calib = _features(200, rng)
+    with pytest.raises(CsgguardError, match=r"clean calibration scores are not finite"):
+        det.calibrate(calib)
