@@ -267,6 +267,7 @@ def test_item5_screen_threshold_must_be_finite(fitted_run, value):
 
 @pytest.mark.parametrize("args,needle", [
     (["fit", "--param", "foo=1"], "foo"),
+    (["fit", "--param", "combine=sum", "--param", "combine=max"], "given twice"),
     (["fit", "--detector", "csg-supervised", "--param", "C=NaN"], "finite"),
     (["fit", "--batch-size", "0"], "--batch-size"),
     (["fit", "--fpr", "nan"], "--fpr"),

@@ -102,6 +102,8 @@ def _parse_params(detector: str, params) -> dict:
         if key not in known:
             raise CsgguardError(f"--param {key}: detector {detector!r} has no such parameter; "
                                 f"it takes {', '.join(known) or 'none'}")
+        if key in parsed:  # the last one winning silently hides a typo in a long command
+            raise CsgguardError(f"--param {key} is given twice; give each parameter once")
         try:
             parsed[key] = parse_json(value)
         except json.JSONDecodeError:
