@@ -312,7 +312,7 @@ def load_tensors(path: str | os.PathLike, expected_sha256: str | None, *,
     """
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path}: weights file not found")
+        raise ArtifactError(f"{path}: tensor file not found (its manifest names it; copy the pair together)")
     data = path.read_bytes()
     if expected_sha256 is not None:
         actual = sha256_bytes(data)
