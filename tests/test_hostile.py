@@ -649,6 +649,19 @@ def test_a_nan_score_is_an_error_row_never_unflagged(fitted_run, tmp_path, monke
     assert "1 errors" in r.stderr
 
 
+def test_the_second_file_of_an_output_pair_is_checked_before_any_work(digits_csg_run, tmp_path):
+    """attack --out x.npz also writes x.npz.json, fit --out d.json also d.safetensors: a FIFO in the
+    second place used to be met after the first file was written, leaving half a pair."""
+    pairs = ((["attack", "--run", digits_csg_run, "--method", "fgsm", "--eps", "0.1", "--limit", "4"],
+              tmp_path / "a.npz", tmp_path / "a.npz.json"),
+             (["fit", "--run", digits_csg_run], tmp_path / "d.json", tmp_path / "d.safetensors"))
+    for args, first, second in pairs:
+        os.mkfifo(second)
+        line = one_line_error(_cli(*args, "--out", first))
+        assert "not a regular file" in line and str(second) in line, line
+        assert not first.exists()
+
+
 def test_an_output_that_is_a_device_or_fifo_is_refused_never_replaced(digits_csg_run, tmp_path):
     """`--out /dev/null` as root used to replace /dev/null with a regular file (the rename of an
     atomic write); a FIFO stands in for the device here."""

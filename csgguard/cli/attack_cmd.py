@@ -76,7 +76,10 @@ def attack_command(method, eps, norm, steps, restarts, preset, run_dir, data_roo
         raise CsgguardError(f"--out {out}: is a directory; give a file name such as {out}/{method}.npz")
     out_dir = Path(out).parent if out else Path(run_dir) / "attacks"
     if out is not None:
+        from ..attacks.advset import sidecar_path
+
         check_output_file(out, "--out")
+        check_output_file(sidecar_path(out), "--out's sidecar")  # both files of the pair, before any work
     else:
         check_output_dir(out_dir, "--out")
     if save_images:

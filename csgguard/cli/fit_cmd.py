@@ -75,7 +75,10 @@ def fit_command(run_dir, detector, attacks, eps, l2_eps, fpr, limit, params, dat
     parsed = _parse_params(detector, params)
     eps_list, l2_list = parse_budget_list(eps, "--eps"), parse_budget_list(l2_eps, "--l2-eps")
     if out is not None and Path(out).suffix in (".json", ".safetensors"):
-        check_output_file(out, "--out")
+        from ..detectors.store import detector_paths
+
+        for path in detector_paths(out):  # the manifest and its arrays, before any work
+            check_output_file(path, "--out")
         out_dir = Path(out).parent
     else:
         out_dir = Path(out) if out is not None else Path(run_dir)
