@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: the CIFAR-10 ResNet-20 recipe (`csgguard train --data cifar10`,
-# cosine, bf16, channels-last) for EPOCHS epochs (default 40: the default recipe's 100 epochs
-# side by side take about 500 s on an H100, past one call's limit with the start-up), CSG and STD trained side by side on the
+# cosine, bf16, channels-last) for EPOCHS epochs (default 40: the default recipe's 200 epochs
+# side by side take about 1,000 s on an H100, past one call's limit), CSG and STD trained side by side on the
 # one GPU, then benchmarks/speed.py on CUDA. Results land in $OUT; the two run directories
 # come back as $OUT/cifar_runs.tar.
 #

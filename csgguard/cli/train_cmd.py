@@ -74,7 +74,7 @@ def _describe_split(data: str) -> None:
 @click.option("--width", type=POSITIVE_INT, default=None, help="Filters K in the gated layer (backbone default).")
 @click.option("--gate/--no-gate", default=True, show_default=True,
               help="--no-gate trains the STD baseline (same network, STD path only).")
-@click.option("--epochs", type=POSITIVE_INT, default=None, help="Epochs (default per dataset: digits 30, mnist 6, cifar10 100).")
+@click.option("--epochs", type=POSITIVE_INT, default=None, help="Epochs (default per dataset: digits 30, mnist 6, cifar10 200).")
 @click.option("--batch-size", type=POSITIVE_INT, default=None)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None)
 @click.option("--lr", type=POSITIVE, default=None, help="STD-path learning rate.")
@@ -127,7 +127,7 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
     used as the train and test splits; a flat class-per-folder tree is split 80/20
     (stratified, seed 0). Either way 10% of train becomes the validation split. The
     recipe is mnist's (small_cnn, adam, lr 1e-3, 6 epochs) unless --arch resnet20 or
-    resnet32 selects cifar10's (sgd 0.1, cosine, 100 epochs, cutout 16); every value can be set.
+    resnet32 selects cifar10's (sgd 0.1, cosine, 200 epochs, cutout 16); every value can be set.
     The split sizes are printed before training starts.
 
     Prints the summary (test_accuracy, gate_density, mis, epochs, seconds).
