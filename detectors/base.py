@@ -106,6 +106,9 @@ class Detector(BaseEstimator):
                                 f"rate (need at least {int(np.ceil(1 / self.fpr))})")
         scores = self.score_samples(clean_heldout, inputs=inputs)
         self.threshold_ = threshold_at_fpr(scores, self.fpr)
+        if np.ptp(scores) == 0:  # a threshold on one value flags all or nothing, whatever comes
+            raise CsgguardError(f"detector {self.name!r} gives all {n} clean calibration images the same score "
+                                f"({float(scores[0]):g}): it separates nothing (too few clean fit images? raise --limit)")
         if not np.isfinite(self.threshold_):  # say why here, not later as a broken file
             raise CsgguardError(f"detector {self.name!r}: {int((~np.isfinite(scores)).sum())} of {n} clean calibration "
                                 f"scores are not finite, so no threshold holds a {self.fpr:g} false-positive rate "

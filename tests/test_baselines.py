@@ -248,3 +248,23 @@ def test_a_non_finite_calibration_threshold_is_refused_with_its_reason():
     calib = _features(200, rng)
     with pytest.raises(CsgguardError, match=r"clean calibration scores are not finite"):
         det.calibrate(calib)
+
+
+def test_a_detector_that_scores_every_clean_image_alike_is_refused_at_calibration():
+    """Mahalanobis fitted on too few images scored every image 0: a threshold of 0 then flagged nothing,
+    silently. A calibration whose scores do not vary is an error that says so."""
+    from csgguard.detectors.base import Detector
+
+    class Flat(Detector):
+        name = "flat"
+
+        def _fit(self, clean, adversarial=None, *, inputs=None, adversarial_inputs=None):
+            pass
+
+        def score_samples(self, features, *, inputs=None):
+            return np.zeros(len(features))
+
+    rng = np.random.default_rng(0)
+    det = Flat().fit(_features(50, rng))
+    with pytest.raises(CsgguardError, match="same score .* separates nothing"):
+        det.calibrate(_features(100, rng))
