@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Mapping
@@ -71,8 +72,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def _check_replaceable(path: Path, what: str) -> None:
     """Refuse an existing ``path`` that a rename would destroy: a device, FIFO or socket (``/dev/null``)."""
-    import stat
-
     try:
         mode = os.lstat(path).st_mode
     except OSError:

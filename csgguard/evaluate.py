@@ -33,7 +33,6 @@ Protocol, in the order it runs:
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from .detectors import DETECTORS, build_detector, detector_class
 from .devices import select_device
 from .errors import CsgguardError
 from .features import Features, extract_features
-from .metrics import accuracy, metrics_row, monotonicity_violations
+from .metrics import accuracy, check_calibration_size, metrics_row, monotonicity_violations
 from .models.store import LoadedModel, load_model
 from .progress import log, make_progress
 from .runs import load_run_dataset
@@ -101,11 +100,8 @@ def make_splits(n: int, seed: int = 0, limit: int | None = None,
 
 
 def _check_sizes(splits: dict[str, np.ndarray], fpr: float) -> None:
-    need = int(math.ceil(1 / fpr))
     for name in ("calibration", "evaluation"):
-        if len(splits[name]) < need:
-            raise CsgguardError(f"{len(splits[name])} {name} images are too few for a {fpr:g} false-positive rate "
-                                f"(need at least {need}; raise --limit or --fpr)")
+        check_calibration_size(len(splits[name]), fpr, f"{name} images", "raise --limit or --fpr")
     if len(splits["fit"]) < 10:
         raise CsgguardError(f"{len(splits['fit'])} fit images are too few to fit detectors (need at least 10)")
 

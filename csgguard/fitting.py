@@ -32,6 +32,7 @@ from .data import Split
 from .devices import select_device
 from .errors import CsgguardError
 from .features import Features, extract_features
+from .metrics import check_calibration_size
 from .models.store import LoadedModel, load_model
 from .runs import load_run_dataset
 from .sweep import (
@@ -122,9 +123,7 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
     data_name = ds.name
     train = ds.train if limit is None else ds.train.subset(np.arange(min(limit, len(ds.train))))
     # what the data decides is checked now too, before the features are extracted (minutes on CIFAR-10)
-    if len(ds.val) * fpr < 1:
-        raise CsgguardError(f"{len(ds.val)} clean calibration images (the val split) are too few for a {fpr:g} "
-                            f"false-positive rate (need at least {int(np.ceil(1 / fpr))})")
+    check_calibration_size(len(ds.val), fpr, "clean calibration images (the val split)")
     cells = None
     if cls.supervised:
         shape = tuple(train.images.shape[1:])

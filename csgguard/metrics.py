@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import CsgguardError
+
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean()) if len(labels) else float("nan")
@@ -53,6 +55,15 @@ def threshold_at_fpr(clean_scores: np.ndarray, fpr: float) -> float:
         raise ValueError("no clean scores to calibrate on")
     k = int(np.ceil((1.0 - fpr) * len(s))) - 1
     return float(s[min(max(k, 0), len(s) - 1)])
+
+
+def check_calibration_size(n: int, fpr: float, what: str, hint: str = "") -> None:
+    """A threshold at ``fpr`` needs at least ``1 / fpr`` clean images to sit on: one rule for
+    ``Detector.calibrate``, ``csgguard fit`` (checked before any feature is extracted) and
+    ``csgguard evaluate``'s splits. ``what`` names the images, ``hint`` what to change."""
+    if n * fpr < 1:
+        raise CsgguardError(f"{n} {what} are too few for a {fpr:g} false-positive rate "
+                            f"(need at least {int(np.ceil(1 / fpr))}{'; ' + hint if hint else ''})")
 
 
 def tpr_at_threshold(adv_scores: np.ndarray, threshold: float) -> float:

@@ -80,18 +80,23 @@ _EPS = 1e-12
 _MARGIN_FLOOR = 1e-6
 
 
+def parse_choices(value: str | Sequence[str], choices: Sequence[str], param: str, what: str) -> tuple[str, ...]:
+    """``"a,b"`` or a list of names -> the names, checked against ``choices`` and returned in their
+    order (so two spellings of one set are one set); errors name the parameter and what a name is."""
+    if not isinstance(value, (str, list, tuple)):
+        raise CsgguardError(f"{param} must be comma-separated names or a list of them, got {value!r}; "
+                            f"choose from {', '.join(choices)}")
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else map(str, value))]
+    names = [n for n in names if n]
+    bad = [n for n in names if n not in choices]
+    if bad or not names:
+        raise CsgguardError(f"unknown {what} {bad[0] if bad else '(none)'!r}; choose from {', '.join(choices)}")
+    return tuple(c for c in choices if c in names)
+
+
 def parse_components(value: str | Sequence[str]) -> tuple[str, ...]:
     """``"taps,pattern"`` or a sequence -> a validated tuple of component families, in canonical order."""
-    if not isinstance(value, (str, list, tuple)):
-        raise CsgguardError(f"components must be comma-separated names or a list of them, got {value!r}; "
-                            f"choose from {', '.join(COMPONENTS)}")
-    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
-    names = [n for n in names if n]
-    bad = [n for n in names if n not in COMPONENTS]
-    if bad or not names:
-        raise CsgguardError(f"unknown detector component {bad[0] if bad else '(none)'!r}; "
-                            f"choose from {', '.join(COMPONENTS)}")
-    return tuple(c for c in COMPONENTS if c in names)
+    return parse_choices(value, COMPONENTS, "components", "detector component")
 
 
 def check_covariance(value: str) -> str:

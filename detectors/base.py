@@ -39,7 +39,7 @@ from sklearn.utils._param_validation import Interval, InvalidParameterError
 
 from ..errors import CsgguardError
 from ..features import Features
-from ..metrics import threshold_at_fpr
+from ..metrics import check_calibration_size, threshold_at_fpr
 
 
 class NotFittedError(CsgguardError):
@@ -101,9 +101,7 @@ class Detector(BaseEstimator):
         n = len(clean_heldout)
         if n == 0:
             raise CsgguardError("no clean held-out samples to calibrate the threshold on")
-        if n * self.fpr < 1:
-            raise CsgguardError(f"{n} clean calibration images are too few for a {self.fpr:g} false-positive "
-                                f"rate (need at least {int(np.ceil(1 / self.fpr))})")
+        check_calibration_size(n, self.fpr, "clean calibration images")
         scores = self.score_samples(clean_heldout, inputs=inputs)
         self.threshold_ = threshold_at_fpr(scores, self.fpr)
         if np.ptp(scores) == 0:  # a threshold on one value flags all or nothing, whatever comes

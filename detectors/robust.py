@@ -67,15 +67,7 @@ _GUARD_PREFIX = "guard."
 
 
 def _parse_blocks(value: str | Sequence[str]) -> tuple[str, ...]:
-    if not isinstance(value, (str, list, tuple)):
-        raise CsgguardError(f"csg-robust: inputs must be comma-separated blocks or a list of them, got {value!r}; "
-                            f"choose from {', '.join(BLOCKS)}")
-    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
-    bad = [n for n in names if n not in BLOCKS]
-    if bad or not names:
-        raise CsgguardError(f"csg-robust: unknown input block {bad[0] if bad else '(none)'!r}; "
-                            f"choose from {', '.join(BLOCKS)}")
-    return tuple(b for b in BLOCKS if b in names)
+    return S.parse_choices(value, BLOCKS, "csg-robust: inputs", "csg-robust input block")
 
 
 def _budgets(value, shape: tuple[int, ...]) -> tuple[float, ...]:
