@@ -8,6 +8,8 @@
 #   OMP_NUM_THREADS=1 bash benchmarks/cpu_cifar.sh [CIFAR_ROOT]     (default ../shared/data/cifar10-jpeg)
 #   EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh             (a longer schedule: ...-csg-e200)
 #   TAG=cutout16 EXTRA="--cutout 16" KINDS=csg bash benchmarks/cpu_cifar.sh   (a recipe variant: ...-csg-cutout16)
+#   SWA=30 TAG=cutout16 EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh
+#       (weight averaging: 30 more epochs on top of the finished run, into ...-csg-e200-cutout16-swa30)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifar10-jpeg}
@@ -17,6 +19,14 @@ TAG=${TAG:-}
 for kind in ${KINDS:-csg std}; do
   out=benchmarks/cpu-runs/cifar10-resnet20-$kind${EPOCHS:+-e$EPOCHS}${TAG:+-$TAG}
   flag=$([ $kind = std ] && echo --no-gate || echo --gate)
+  if [ -n "${SWA:-}" ]; then
+    base=$out out=$out-swa$SWA
+    [ -f $out/summary.json ] && continue
+    res=$([ -f $out/checkpoint.safetensors ] && echo --resume || true)
+    .venv/bin/csgguard train --extend $base --swa-epochs $SWA --data-root "$DATA" --out $out $res \
+      --format json --no-progress
+    continue
+  fi
   [ -f $out/summary.json ] && continue
   res=$([ -f $out/checkpoint.safetensors ] && echo --resume || true)
   .venv/bin/csgguard train --data cifar10 --data-root "$DATA" $flag --out $out $res ${EPOCHS:+--epochs $EPOCHS} \

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 from .artifacts import (
     load_tensors,
@@ -117,6 +118,8 @@ class TrainConfig:
     val_fraction: float | None = None
     sync_bn: bool = False                 # SyncBatchNorm under torchrun (CUDA only)
     train_limit: int | None = None        # train on the first N training images only (smoke runs, benchmarks)
+    swa_epochs: int | None = None         # weight-averaging epochs after the main schedule (0 = none)
+    swa_lr: float = 0.5                   # peak of each averaging epoch's LR cycle, as a fraction of the base LRs
 
     def resolved(self) -> TrainConfig:
         """Fill unset fields from the dataset's defaults."""
@@ -131,6 +134,8 @@ class TrainConfig:
             out.lr_schedule = "step"
         if out.lr_warmup_epochs is None:
             out.lr_warmup_epochs = 0.0
+        if out.swa_epochs is None:
+            out.swa_epochs = 0
         out.milestones = tuple(out.milestones)
         return out
 
@@ -140,7 +145,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
-        d = {"cutout": 0, **d}  # configs saved before cutout existed trained without it
+        # configs saved before cutout / weight averaging existed trained without them
+        d = {"cutout": 0, "swa_epochs": 0, **d}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def validate(self) -> None:
@@ -163,6 +169,10 @@ class TrainConfig:
             raise CsgguardError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.cutout is not None and self.cutout < 0:
             raise CsgguardError(f"--cutout must be >= 0 pixels, got {self.cutout}")
+        if self.swa_epochs is not None and self.swa_epochs < 0:
+            raise CsgguardError(f"--swa-epochs must be >= 0, got {self.swa_epochs}")
+        if not (math.isfinite(self.swa_lr) and 0 < self.swa_lr <= 1):
+            raise CsgguardError(f"--swa-lr must be in (0, 1] (a fraction of the base learning rates), got {self.swa_lr}")
         if not 0 < self.density <= 1:
             raise CsgguardError(f"--density must be in (0, 1], got {self.density}")
         if self.period is not None and self.csg_from is not None and not 0 <= self.csg_from < self.period:
@@ -233,6 +243,7 @@ class Trainer:
         # what the training steps call: the model itself, or its DDP wrapper under torchrun
         # (a gated model's STD epochs leave the gate out of the graph: DDP must know)
         self.net = wrap_model(self.model, device, dist, find_unused=self.model.gate is not None)
+        self.averaged: AveragedModel | None = None  # the running weight average (averaging phase only)
 
     # ------------------------------------------------------------------ schedule
     def lr_factor(self, epoch: float) -> float:
@@ -240,9 +251,14 @@ class Trainer:
 
         ``step``: x gamma at each milestone (per epoch). ``cosine``: a linear ramp over
         ``lr_warmup_epochs``, then half a cosine down to 0 at the last step; it is set
-        every step, so both paths' optimisers follow the one curve.
+        every step, so both paths' optimisers follow the one curve. After ``epochs``, in
+        the weight-averaging phase, each epoch is one cosine cycle from ``swa_lr`` down to
+        0, so every averaged snapshot is taken at the bottom of a cycle (Izmailov et al.
+        2018, cyclical SWA).
         """
         cfg = self.cfg
+        if epoch >= cfg.epochs:  # the averaging phase: one cosine cycle per epoch, swa_lr -> 0
+            return cfg.swa_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - math.floor(epoch))))
         if cfg.lr_schedule == "cosine":
             if epoch < cfg.lr_warmup_epochs:
                 return max(epoch, 1e-3) / cfg.lr_warmup_epochs
@@ -257,8 +273,11 @@ class Trainer:
         if self.opt_csg is not None:
             for g in self.opt_csg.param_groups:
                 g["lr"] = self.cfg.csg_lr * f
+            # the gate is frozen while weights are averaged: the averaged network keeps the very
+            # gate its snapshots were trained with (and so its density)
+            gate_f = 0.0 if epoch >= self.cfg.epochs else f
             for g in self.opt_gate.param_groups:
-                g["lr"] = self.cfg.gate_lr * f
+                g["lr"] = self.cfg.gate_lr * gate_f
 
     # ------------------------------------------------------------------ training
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -384,15 +403,32 @@ class Trainer:
             model.gate.normalize_()
         return loss.detach(), logits.detach()
 
+    # ------------------------------------------------------------------ weight averaging
+    def update_average(self) -> None:
+        """Add the current weights to the running average (started at the first averaging epoch)."""
+        if self.averaged is None:
+            self.averaged = AveragedModel(self.model)
+        self.averaged.update_parameters(self.model)
+
+    @torch.no_grad()
+    def averaged_network(self, limit: int | None = None) -> CSGNet:
+        """The averaged network with BatchNorm statistics recomputed over (the first ``limit``)
+        un-augmented training images: averaged weights make the snapshots' running statistics stale."""
+        split = self.ds.train if limit is None else self.ds.train.subset(np.arange(min(limit, len(self.ds.train))))
+        net = self.averaged.module
+        update_bn(((x.to(self.device), ) for x, _ in split.batches(512)), net, device=self.device)
+        return net
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, Any]:
+    def evaluate(self, split: str, model: CSGNet | None = None) -> dict[str, Any]:
+        model = self.model if model is None else model
         s = self.ds.split(split)
-        feats = extract_features(self.model, s.x(), batch_size=1024, device=self.device)
+        feats = extract_features(model, s.x(), batch_size=1024, device=self.device)
         labels = s.labels.numpy()
         out = {"accuracy": accuracy(feats.logits, labels)}
-        if self.model.gate is not None:
-            out["gate_density"] = float(self.model.gate.density())
+        if model.gate is not None:
+            out["gate_density"] = float(model.gate.density())
         return out, feats, labels
 
     # ------------------------------------------------------------------ checkpointing
@@ -406,6 +442,8 @@ class Trainer:
                 for key, val in st.items():
                     t = val if torch.is_tensor(val) else torch.tensor(val)
                     tensors[f"opt.{name}.{pid}.{key}"] = t
+        if self.averaged is not None:
+            tensors.update({f"swa.{k}": v for k, v in self.averaged.state_dict().items()})
         tensors["rng.generator"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         return tensors
@@ -425,6 +463,10 @@ class Trainer:
                     state.setdefault(int(pid), {})[key] = v
             sd["state"] = state
             opt.load_state_dict(sd)
+        averaged = {k[4:]: v for k, v in tensors.items() if k.startswith("swa.")}
+        if averaged:
+            self.averaged = AveragedModel(self.model)
+            self.averaged.load_state_dict(averaged)
         self.generator.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
 
@@ -448,27 +490,88 @@ GPU_STAGE_BYTES = 2 << 30
 
 def _select_best(history: list[dict[str, Any]], gated: bool, target: float) -> int | None:
     """Index of the best epoch: highest val accuracy among those meeting the density target."""
-    ok = [i for i, h in enumerate(history) if not gated or h.get("gate_density", 1.0) <= target + 1e-9]
+    ok = [i for i, h in enumerate(history) if not h.get("averaged")
+          and (not gated or h.get("gate_density", 1.0) <= target + 1e-9)]
     if not ok:
         return None
     return max(ok, key=lambda i: (history[i]["val_accuracy"], i))
 
 
 def train(cfg: TrainConfig, out: str | Path = "runs/default", *, resume: bool = False,
-          progress: bool | None = None, log=None) -> TrainResult:
+          extend: str | Path | None = None, progress: bool | None = None, log=None) -> TrainResult:
     """Train one model and write the run directory; returns the final summary.
 
     The summary holds ``test_accuracy``, ``gate_density``, ``mis`` (None for STD),
     ``epochs`` and ``seconds`` (plus validation figures and the best epoch).
     Under ``torchrun`` it trains data-parallel (:mod:`csgguard.distributed`); only
     rank 0 writes ``out`` and every rank returns rank 0's summary and history.
+
+    ``extend`` names a finished run (see :func:`extension_config`) whose weights and
+    history stand in for the main schedule: only the weight-averaging epochs are trained.
     """
     cfg.validate()
     cfg = cfg.resolved()
     cfg.validate()
+    if extend is not None and cfg.swa_epochs < 1:
+        raise CsgguardError("extending a finished run trains its weight-averaging epochs only: give --swa-epochs N")
     device = select_device(cfg.device)
     with distributed(device) as (ctx, device), _cudnn_benchmark(device):
-        return _train(cfg, Path(out), device, ctx, resume=resume, progress=progress, log=log)
+        return _train(cfg, Path(out), device, ctx, resume=resume, extend=extend, progress=progress, log=log)
+
+
+def extension_config(run: str | Path, *, swa_epochs: int, swa_lr: float = 0.5, data_root: str | None = None,
+                     device: str = "auto", amp: bool = True) -> TrainConfig:
+    """The recipe of the finished ``run`` (its model.json), with a weight-averaging phase added.
+
+    Why: averaging the weights of a few more epochs lifts a finished network's accuracy
+    without retraining it; the recipe comes from the run itself so the extension
+    trains on the same data, augmentation and alternation as the epochs before it.
+    """
+    from .models.store import read_manifest, resolve_run
+
+    run_dir = resolve_run(run)
+    manifest = read_manifest(run_dir)
+    training = manifest.get("training")
+    if not isinstance(training, dict):
+        raise CsgguardError(f"{run_dir / 'model.json'}: holds no training section to extend")
+    try:
+        cfg = TrainConfig.from_dict(training)
+    except TypeError as exc:
+        raise CsgguardError(f"{run_dir / 'model.json'}: unreadable training section ({exc})") from None
+    if cfg.swa_epochs:
+        raise CsgguardError(f"{run_dir}: already holds averaged weights ({cfg.swa_epochs} epochs); extend the run it came from")
+    cfg.milestones = tuple(cfg.milestones)
+    cfg.swa_epochs, cfg.swa_lr, cfg.device, cfg.amp = swa_epochs, swa_lr, device, amp
+    if data_root is not None:
+        cfg.data_root = data_root
+    return cfg
+
+
+def _start_from_run(trainer: Trainer, run: str | Path, cfg: TrainConfig) -> tuple[list[dict[str, Any]], Any, float]:
+    """Load a finished run's weights into ``trainer``; its history, best epoch and seconds."""
+    from .artifacts import read_json
+    from .models.store import load_model, resolve_run
+
+    run_dir = resolve_run(run)
+    loaded = load_model(run_dir, trainer.device)
+    try:
+        trainer.model.load_state_dict(loaded.model.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise CsgguardError(f"{run_dir}: its network does not match this recipe "
+                            f"({str(exc).strip().splitlines()[0]})") from None
+    history = []
+    path = run_dir / "metrics.jsonl"
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                history.append(parse_json(line))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CsgguardError(f"{path}: cannot read the run's history ({exc})") from None
+    if len(history) != cfg.epochs or not all(isinstance(h, dict) for h in history):
+        raise CsgguardError(f"{path}: holds {len(history)} epochs, the run's recipe {cfg.epochs}; "
+                            "only a finished run can be extended")
+    summary = read_json(run_dir / "summary.json", "run summary")
+    return history, summary.get("best_epoch"), float(summary.get("seconds") or 0.0)
 
 
 @contextlib.contextmanager
@@ -486,7 +589,7 @@ def _cudnn_benchmark(device: torch.device):
 
 
 def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, *, resume: bool,
-           progress: bool | None, log) -> TrainResult:
+           extend: str | Path | None, progress: bool | None, log) -> TrainResult:
     main = ctx.is_main
     ds = load_dataset(cfg.data, cfg.data_root, seed=0, val_fraction=cfg.val_fraction)
     if cfg.train_limit is not None and cfg.train_limit < len(ds.train):
@@ -514,15 +617,22 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
         best_epoch = meta.get("best_epoch")
         start_epoch = len(history)
         elapsed_before = float(meta.get("seconds", 0.0))
+    elif extend is not None:
+        history, best_epoch, elapsed_before = _start_from_run(trainer, extend, cfg)
+        start_epoch = cfg.epochs
     say = (log or (lambda _m: None)) if main else (lambda _m: None)
     where = f"{device}" if not ctx.enabled else f"{ctx.world_size} processes ({ctx.backend}, rank 0 on {device})"
     say(f"training {'CSG' if cfg.gate else 'STD'} {cfg.arch} on {ds.name} "
         f"({len(ds.train)} train / {len(ds.val)} val / {len(ds.test)} test) on {where}")
     t_start = time.perf_counter()
     with make_progress(progress if main else False) as bar:
-        task = bar.add_task("train", total=(cfg.epochs - start_epoch) * len(ds.train), info="")
-        for epoch in range(start_epoch, cfg.epochs):
+        total_epochs = cfg.epochs + cfg.swa_epochs
+        task = bar.add_task("train", total=(total_epochs - start_epoch) * len(ds.train), info="")
+        for epoch in range(start_epoch, total_epochs):
             row = trainer.run_epoch(epoch, bar, task)
+            averaging = epoch >= cfg.epochs
+            if averaging:  # every rank: the replicas' weights, and so their averages, are the same
+                trainer.update_average()
             if ctx.enabled:  # the replicas must hold the same weights (and so the same G)
                 row["world_size"] = ctx.world_size
                 row["replica_max_diff"] = replica_divergence(list(trainer.model.parameters()), ctx)
@@ -535,8 +645,14 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
             row["val_accuracy"] = val["accuracy"]
             if "gate_density" in val:
                 row["gate_density"] = val["gate_density"]
+            if averaging:  # how the average is doing (BatchNorm statistics from 10,000 images: a monitor)
+                row["averaged"] = True
+                row["averaged_val_accuracy"] = trainer.evaluate(
+                    "val", trainer.averaged_network(limit=10_000))[0]["accuracy"]
             history.append(row)
             info = f"{row['path']} loss {row['train_loss']:.3f} val {row['val_accuracy']:.4f}"
+            if averaging:
+                info += f" averaged {row['averaged_val_accuracy']:.4f}"
             if "gate_density" in row:
                 info += f" density {row['gate_density']:.3f}"
             bar.update(task, info=info)
@@ -558,8 +674,11 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
 
 def _finish(cfg: TrainConfig, out: Path, trainer: Trainer, ds: Dataset, device: torch.device, ctx: DistContext,
             history, best_state, best_epoch, seconds: float, say) -> dict[str, Any]:
-    """Test the best epoch's weights and write the run directory (rank 0)."""
-    if best_state is None:  # no epoch met the density target: keep the last one, say so
+    """Test the best epoch's weights (or the averaged weights) and write the run directory (rank 0)."""
+    if cfg.swa_epochs:  # the product is the average of the averaging epochs, BatchNorm re-estimated
+        best_state = {k: v.detach().clone() for k, v in trainer.averaged_network().state_dict().items()}
+        best_epoch = None
+    elif best_state is None:  # no epoch met the density target: keep the last one, say so
         best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         best_epoch = cfg.epochs
         say(f"[yellow]warning:[/] gate density never reached the target {cfg.density}; keeping the last epoch")
@@ -575,6 +694,8 @@ def _finish(cfg: TrainConfig, out: Path, trainer: Trainer, ds: Dataset, device: 
         "activation_mis": mis,  # MIS of the pooled activations, defined for STD too
         "epochs": cfg.epochs,
         "best_epoch": best_epoch,
+        **({"swa_epochs": cfg.swa_epochs, "weights": f"average of epochs {cfg.epochs + 1}-{cfg.epochs + cfg.swa_epochs}"}
+           if cfg.swa_epochs else {}),
         "seconds": round(seconds, 3),
         "device": str(device),
         "gated": cfg.gate,

@@ -105,12 +105,22 @@ def _describe_split(data: str) -> None:
                                               "(SyncBatchNorm, CUDA only).")
 @click.option("--train-limit", type=int, default=None,
               help="Train on the first N training images only (smoke runs, dry runs of a recipe).")
+@click.option("--swa-epochs", type=NON_NEGATIVE_INT, default=None,
+              help="Weight averaging: this many more epochs after the schedule, each one LR cycle, whose "
+                   "end-of-epoch weights are averaged (BatchNorm re-estimated); the average is the model "
+                   "(default 0).")
+@click.option("--swa-lr", type=FiniteFloat(0.0, 1.0, low_open=True), default=0.5, show_default=True,
+              help="Peak of each averaging epoch's LR cycle, as a fraction of the base learning rates.")
+@click.option("--extend", "extend", type=click.Path(), default=None, metavar="RUN",
+              help="Start from the finished run RUN (its recipe, weights and history) and train only "
+                   "--swa-epochs averaging epochs into --out; RUN is left as it is.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its checkpoint.")
 @format_option()
 @progress_option
-def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, optimizer, lr, csg_lr, gate_lr,
+@click.pass_context
+def train_command(ctx, data, data_root, out, arch, width, gate, epochs, batch_size, optimizer, lr, csg_lr, gate_lr,
                   weight_decay, lr_schedule, lr_warmup_epochs, label_smoothing, schedule, warmup, period, csg_from, density, lam, augment, cutout, seed, device, amp,
-                  sync_bn, train_limit, resume, fmt, progress):
+                  sync_bn, train_limit, swa_epochs, swa_lr, extend, resume, fmt, progress):
     """Train a CNN with a Class-Specific Gate (or the STD baseline with --no-gate).
 
     \b
@@ -119,6 +129,8 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
       csgguard train --no-gate --out runs/std          # the STD twin
       csgguard train --data mnist --data-root ~/data/mnist --out runs/mnist
       csgguard train --out runs/mnist --resume         # after an interruption
+      csgguard train --extend runs/c10 --swa-epochs 30 --out runs/c10-swa
+                                                       # average 30 more epochs of a finished run
       torchrun --nproc_per_node 4 -m csgguard train --data cifar10 --data-root DIR --out runs/c10
                                                        # data-parallel on 4 GPUs (rank 0 writes --out)
 
@@ -138,16 +150,45 @@ def train_command(data, data_root, out, arch, width, gate, epochs, batch_size, o
     from ..train import TrainConfig, train
 
     check_output_dir(out, "--out")
-    cfg = TrainConfig(data=data, data_root=data_root, arch=arch, width=width, gate=gate, epochs=epochs,
-                      batch_size=batch_size, optimizer=optimizer, lr=lr, csg_lr=csg_lr, gate_lr=gate_lr,
-                      weight_decay=weight_decay, lr_schedule=lr_schedule, lr_warmup_epochs=lr_warmup_epochs,
-                      label_smoothing=label_smoothing, schedule=schedule, warmup=warmup, period=period,
-                      csg_from=csg_from, density=density, lam=lam, augment=augment, cutout=cutout, seed=seed, device=device,
-                      amp=amp, sync_bn=sync_bn, train_limit=train_limit)
+    if extend is not None:
+        cfg = _extension(ctx, extend, swa_epochs, swa_lr, data_root, device, amp, out)
+    else:
+        cfg = TrainConfig(data=data, data_root=data_root, arch=arch, width=width, gate=gate, epochs=epochs,
+                          batch_size=batch_size, optimizer=optimizer, lr=lr, csg_lr=csg_lr, gate_lr=gate_lr,
+                          weight_decay=weight_decay, lr_schedule=lr_schedule, lr_warmup_epochs=lr_warmup_epochs,
+                          label_smoothing=label_smoothing, schedule=schedule, warmup=warmup, period=period,
+                          csg_from=csg_from, density=density, lam=lam, augment=augment, cutout=cutout, seed=seed,
+                          device=device, amp=amp, sync_bn=sync_bn, train_limit=train_limit, swa_epochs=swa_epochs,
+                          swa_lr=swa_lr)
     lock = folder_lock(out, "train") if is_main_process() else contextlib.nullcontext()
     with lock:
-        result = train(cfg, out, resume=resume, progress=progress, log=_SplitFirst(data))
+        result = train(cfg, out, resume=resume, extend=extend, progress=progress, log=_SplitFirst(cfg.data))
     if not is_main_process():  # under torchrun only rank 0 reports (and wrote the run directory)
         return
     log(f"wrote {result.run_dir}/model.safetensors and model.json")
     emit_mapping({"run": str(result.run_dir), **result.summary}, fmt, title="training summary")
+
+
+# what --extend may be combined with: everything else is the extended run's recipe
+EXTEND_OPTIONS = {"extend", "swa_epochs", "swa_lr", "data_root", "device", "amp", "out", "resume", "fmt", "progress"}
+
+
+def _extension(ctx, extend, swa_epochs, swa_lr, data_root, device, amp, out):
+    """The extended run's recipe plus the averaging phase; refuses recipe options given beside --extend."""
+    from pathlib import Path
+
+    from ..errors import CsgguardError
+    from ..models.store import resolve_run
+    from ..train import extension_config
+
+    given = [p.name for p in ctx.command.params
+             if p.name not in EXTEND_OPTIONS and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        raise CsgguardError("--extend takes the recipe from the run it extends; drop "
+                            + ", ".join("--" + n.replace("_", "-") for n in sorted(given)))
+    if not swa_epochs:
+        raise CsgguardError("--extend trains weight-averaging epochs only: give --swa-epochs N (N >= 1)")
+    if Path(out).resolve() == resolve_run(extend).resolve():
+        raise CsgguardError(f"--out {out} is the run being extended; write the extension to another folder")
+    return extension_config(extend, swa_epochs=swa_epochs, swa_lr=swa_lr, data_root=data_root, device=device,
+                            amp=amp)
