@@ -147,6 +147,22 @@ def check_compatible(a: LoadedModel, b: LoadedModel) -> None:
                             f"{a.run_dir} takes {shape(a)}; both runs must share the input shape")
 
 
+def model_role_notes(models: dict[str, LoadedModel]) -> list[str]:
+    """What the report must say when a model is not what its label (CSG / STD) claims.
+
+    The harness labels ``--run`` CSG and ``--compare-run`` STD; nothing stops a user passing
+    two gated runs or an STD run first, and a CSG-vs-STD reading of such a report would be wrong.
+    """
+    notes = []
+    csg, std = models["csg"], models.get("std")
+    if not csg.model.has_gate:
+        notes.append(f"the run labelled CSG ({csg.run_dir}) has no gate: an STD network; 'CSG' below is only its slot")
+    if std is not None and std.model.has_gate:
+        notes.append(f"the compare-run labelled STD ({std.run_dir}) has a gate: it is not an STD twin, so CSG vs "
+                     "STD below compares two gated networks")
+    return notes
+
+
 def _names(value: str | Sequence[str] | None, default: Sequence[str]) -> tuple[str, ...]:
     if value is None:
         return tuple(default)
@@ -515,6 +531,9 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
     if compare_run is not None:
         models["std"] = load_model(compare_run, dev)
         check_compatible(models["csg"], models["std"])
+    notes = model_role_notes(models)
+    for note in notes:
+        log(f"[yellow]note:[/] {note}")
     ds = load_run_dataset(models["csg"], data_root=data_root)
     test = ds.test
     shape = tuple(test.images.shape[1:])
@@ -540,7 +559,7 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
         "splits": {k: [int(i) for i in test.indices[p]] for k, p in splits.items()},
         "split_sizes": {k: int(len(p)) for k, p in splits.items()},
         "models": {}, "attacks": {}, "attacks_fit": {}, "thresholds": {}, "results": [], "adaptive": [],
-        "cross_fit": [], "errors": [], "seconds": {},
+        "cross_fit": [], "errors": [], "seconds": {}, "notes": notes,
     }
     for label, loaded in models.items():
         log(f"evaluate: {label} model {loaded.run_dir} ({len(cells)} attack cells)")

@@ -79,6 +79,7 @@ def _header(report: dict[str, Any]) -> list[str]:
         dens = "" if m["gate_density"] is None else f", gate density {m['gate_density']:.3f}"
         lines.append(f"- **{label.upper()}** `{visible(m['run'])}` ({m['arch']}, K={m['num_filters']}{dens}): "
                      f"accuracy on the evaluation split {_f(m['accuracy_evaluation_split'])}")
+    lines += [f"- **Note:** {visible(n)}" for n in report.get("notes", [])]
     sz = report["split_sizes"]
     lines += [f"- Test images split once (seed {s['seed']}): fit {sz['fit']}, calibration {sz['calibration']}, "
               f"evaluation {sz['evaluation']} (indices in report.json).",

@@ -43,8 +43,8 @@ SWEEP_ATTACKS: dict[str, tuple[str, str | None]] = {
 BUDGET_OPTION = {"linf": "--eps", "l2": "--l2-eps"}
 
 
-def parse_fraction(value: str | float, name: str = "value") -> float:
-    """'8/255' -> 0.03137..., '0.1' -> 0.1; a clear error otherwise."""
+def parse_fraction(value: str | float, name: str = "value", *, example: str = "8/255") -> float:
+    """'8/255' -> 0.03137..., '0.1' -> 0.1; a clear error otherwise (``example`` shows a valid fraction)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(float(value)):
             raise CsgguardError(f"{name} {value!r} is not a finite number")
@@ -57,7 +57,7 @@ def parse_fraction(value: str | float, name: str = "value") -> float:
         else:
             out = float(text)
     except (ValueError, ZeroDivisionError):
-        raise CsgguardError(f"{name} {value!r} is not a number or fraction like 8/255") from None
+        raise CsgguardError(f"{name} {value!r} is not a number or fraction like {example}") from None
     if not math.isfinite(out):
         raise CsgguardError(f"{name} {value!r} is not a finite number")
     return out

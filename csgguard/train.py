@@ -244,6 +244,7 @@ class Trainer:
         # (a gated model's STD epochs leave the gate out of the graph: DDP must know)
         self.net = wrap_model(self.model, device, dist, find_unused=self.model.gate is not None)
         self.averaged: AveragedModel | None = None  # the running weight average (averaging phase only)
+        self.gate_frozen = False                    # True in the averaging phase (see _set_lr)
 
     # ------------------------------------------------------------------ schedule
     def lr_factor(self, epoch: float) -> float:
@@ -275,33 +276,34 @@ class Trainer:
                 g["lr"] = self.cfg.csg_lr * f
             # the gate is frozen while weights are averaged: the averaged network keeps the very
             # gate its snapshots were trained with (and so its density)
-            gate_f = 0.0 if epoch >= self.cfg.epochs else f
+            self.gate_frozen = epoch >= self.cfg.epochs
             for g in self.opt_gate.param_groups:
-                g["lr"] = self.cfg.gate_lr * gate_f
+                g["lr"] = 0.0 if self.gate_frozen else self.cfg.gate_lr * f
 
     # ------------------------------------------------------------------ training
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Random crop with 4-pixel zero padding + horizontal flip (the CIFAR recipe), then cutout if set."""
+        generator = self.generator if generator is None else generator
         n, _, h, w = x.shape
-        flip = (torch.rand(n, generator=self.generator) < 0.5).to(x.device, non_blocking=True)
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device, non_blocking=True)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         padded = F.pad(x, (4, 4, 4, 4))
         # an independent crop offset per image, gathered in one indexing op
-        offsets = torch.randint(0, 9, (2, n), generator=self.generator).to(x.device, non_blocking=True)
+        offsets = torch.randint(0, 9, (2, n), generator=generator).to(x.device, non_blocking=True)
         rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
         batch = torch.arange(n, device=x.device)[:, None, None, None]
         chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = padded[batch, chans, rows, cols]
-        return self._cutout(x) if self.cfg.cutout else x
+        return self._cutout(x, generator) if self.cfg.cutout else x
 
-    def _cutout(self, x: torch.Tensor) -> torch.Tensor:
+    def _cutout(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Cutout (DeVries & Taylor 2017): a ``cutout``-pixel square, centred anywhere (so it may
         hang over the border), set to the dataset mean -- the regulariser for a network that
         otherwise fits its training images exactly."""
         n, _, h, w = x.shape
-        centres = torch.stack([torch.randint(0, h, (n,), generator=self.generator),
-                               torch.randint(0, w, (n,), generator=self.generator)]).to(x.device, non_blocking=True)
+        centres = torch.stack([torch.randint(0, h, (n,), generator=generator),
+                               torch.randint(0, w, (n,), generator=generator)]).to(x.device, non_blocking=True)
         lo, hi = self.cfg.cutout // 2, (self.cfg.cutout + 1) // 2
         rows = torch.arange(h, device=x.device)[None, :]
         cols = torch.arange(w, device=x.device)[None, :]
@@ -399,8 +401,9 @@ class Trainer:
             self.opt_gate.zero_grad(set_to_none=True)
             grad_loss.backward()
             opt.step()
-            self.opt_gate.step()
-            model.gate.normalize_()
+            if not self.gate_frozen:
+                self.opt_gate.step()
+                model.gate.normalize_()
         return loss.detach(), logits.detach()
 
     # ------------------------------------------------------------------ weight averaging
@@ -413,10 +416,23 @@ class Trainer:
     @torch.no_grad()
     def averaged_network(self, limit: int | None = None) -> CSGNet:
         """The averaged network with BatchNorm statistics recomputed over (the first ``limit``)
-        un-augmented training images: averaged weights make the snapshots' running statistics stale."""
+        training images: averaged weights make the snapshots' running statistics stale.
+
+        The images are augmented as in training (by a generator of their own, so training's
+        random stream is untouched and the result is reproducible): the network learnt its
+        weights under statistics of augmented batches, and statistics of un-augmented images
+        cost the CIFAR-10 ResNet-20 five points of validation accuracy on its first snapshot.
+        """
         split = self.ds.train if limit is None else self.ds.train.subset(np.arange(min(limit, len(self.ds.train))))
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+
+        def batches():
+            for x, _ in split.batches(512):
+                x = x.to(self.device)
+                yield (self._augment(x, generator) if self.cfg.augment else x),
+
         net = self.averaged.module
-        update_bn(((x.to(self.device), ) for x, _ in split.batches(512)), net, device=self.device)
+        update_bn(batches(), net, device=self.device)
         return net
 
     # ------------------------------------------------------------------ evaluation

@@ -50,6 +50,9 @@ def detector_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
     if p.suffix in (".json", ".safetensors"):
         return p.with_suffix(".json"), p.with_suffix(".safetensors")
+    if p.exists() and not p.is_dir():  # e.g. an image passed as the detector: say so, not "PATH/detector.json"
+        raise ArtifactError(f"{p}: not a detector (give its .json manifest, which sits beside its .safetensors, "
+                            "or the folder holding detector.json)")
     return p / MANIFEST_FILE, p / ARRAYS_FILE
 
 

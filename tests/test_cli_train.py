@@ -88,3 +88,25 @@ def test_help_teaches(runner):
     assert r.exit_code == 0 and "Exit codes" in r.output
     r = runner.invoke(main, ["train", "--help"])
     assert "--no-gate" in r.output and "Examples" in r.output
+
+
+def test_extend_from_the_command_line(runner, tmp_path):
+    base = tmp_path / "base"
+    assert runner.invoke(main, ["train", "--out", str(base), "--epochs", "2", "--width", "16"]).exit_code == 0
+    # the recipe comes from the run: a recipe option beside --extend is refused, by name
+    line = _one_line_error(runner.invoke(main, ["train", "--extend", str(base), "--swa-epochs", "2",
+                                                "--epochs", "9", "--cutout", "2", "--out", str(tmp_path / "x")]))
+    assert "--cutout, --epochs" in line and "--extend takes the recipe" in line
+    assert "--swa-epochs" in _one_line_error(runner.invoke(main, ["train", "--extend", str(base),
+                                                                  "--out", str(tmp_path / "x")]))
+    assert "is the run being extended" in _one_line_error(runner.invoke(
+        main, ["train", "--extend", str(base), "--swa-epochs", "1", "--out", str(base)]))
+    assert "run directory not found" in _one_line_error(runner.invoke(
+        main, ["train", "--extend", str(tmp_path / "nope"), "--swa-epochs", "1", "--out", str(tmp_path / "x")]))
+    r = runner.invoke(main, ["train", "--extend", str(base), "--swa-epochs", "2", "--swa-lr", "0.25",
+                             "--out", str(tmp_path / "ext"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["weights"] == "average of epochs 3-4" and summary["epochs"] == 2
+    manifest = json.loads((tmp_path / "ext" / "model.json").read_text())
+    assert manifest["training"]["swa_epochs"] == 2 and manifest["training"]["swa_lr"] == 0.25

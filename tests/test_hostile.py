@@ -681,3 +681,24 @@ def test_an_output_that_is_a_device_or_fifo_is_refused_never_replaced(digits_csg
     with pytest.raises(CsgguardError, match="not a regular file"):
         atomic_write_bytes(fifo, b"x")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
+
+
+def test_an_image_given_as_the_detector_is_named_as_not_a_detector(fitted_run, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "imgs" / "a.png"
+    img.parent.mkdir()
+    Image.new("L", (8, 8)).save(img)
+    line = one_line_error(_cli("screen", img.parent, "--run", fitted_run, "--detector", img, "--no-progress"))
+    assert f"{img}: not a detector" in line  # was "a.png/detector.json: detector not found"
+
+
+def test_evaluate_fpr_message_and_mislabelled_models(digits_csg_run, digits_std_run):
+    assert "fraction like 1/20" in one_line_error(_cli("evaluate", "--run", digits_csg_run, "--fpr", "abc"))
+    from csgguard.evaluate import model_role_notes
+    from csgguard.models.store import load_model
+
+    csg, std = load_model(digits_csg_run), load_model(digits_std_run)
+    assert model_role_notes({"csg": csg, "std": std}) == []
+    swapped = model_role_notes({"csg": std, "std": csg})
+    assert len(swapped) == 2 and "has no gate" in swapped[0] and "not an STD twin" in swapped[1]

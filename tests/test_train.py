@@ -148,3 +148,72 @@ def test_bad_config_values():
         TrainConfig(epochs=0).validate()
     with pytest.raises(CsgguardError, match="--density"):
         TrainConfig(density=0).validate()
+
+
+# ---------------------------------------------------------------- weight averaging (--swa-epochs, --extend)
+def test_averaging_phase_lr_cycles_and_freezes_the_gate(tmp_path):
+    from csgguard.data import load_dataset
+
+    cfg = TrainConfig(data="digits", epochs=4, swa_epochs=3, swa_lr=0.5).resolved()
+    trainer = Trainer(cfg, load_dataset("digits"), torch.device("cpu"))
+    assert trainer.lr_factor(4.0) == pytest.approx(0.5)      # each averaging epoch starts at the peak ...
+    assert trainer.lr_factor(4.5) == pytest.approx(0.25)
+    assert trainer.lr_factor(5.999) < 1e-4                    # ... and ends near 0, where the snapshot is taken
+    trainer._set_lr(5.2)
+    assert trainer.opt_gate.param_groups[0]["lr"] == 0.0      # the gate does not move while weights are averaged
+    assert trainer.opt_csg.param_groups[0]["lr"] > 0.0
+
+
+def test_extend_averages_a_finished_run_and_resumes(tmp_path, monkeypatch):
+    from csgguard.train import extension_config
+
+    base = train(TrainConfig(data="digits", epochs=5, seed=2, width=32), tmp_path / "base", progress=False)
+    before = load_model(tmp_path / "base").model.state_dict()
+    cfg = extension_config(tmp_path / "base", swa_epochs=3)
+    assert (cfg.epochs, cfg.width, cfg.seed, cfg.swa_epochs) == (5, 32, 2, 3)  # the run's own recipe
+    ext = train(cfg, tmp_path / "ext", extend=tmp_path / "base", progress=False)
+    assert ext.summary["swa_epochs"] == 3 and ext.summary["best_epoch"] is None
+    assert ext.summary["weights"] == "average of epochs 6-8"
+    rows = ext.history
+    assert len(rows) == 8 and [bool(r.get("averaged")) for r in rows] == [False] * 5 + [True] * 3
+    assert rows[:5] == base.history                            # the finished run's history carries over
+    after = load_model(tmp_path / "ext").model.state_dict()
+    assert torch.equal(after["gate.weight"], before["gate.weight"])  # frozen gate: same density
+    assert not torch.allclose(after["fc.weight"], before["fc.weight"])  # ... while the weights did move
+    assert json.loads((tmp_path / "base" / "summary.json").read_text())["epochs"] == 5  # RUN left as it is
+    # interrupted in the second averaging epoch, then resumed: the same average as without the interruption
+    original = Trainer.run_epoch
+
+    def interrupting(self, epoch, *a, **k):
+        if epoch == 6:
+            raise KeyboardInterrupt
+        return original(self, epoch, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "run_epoch", interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            train(extension_config(tmp_path / "base", swa_epochs=3), tmp_path / "part", extend=tmp_path / "base",
+                  progress=False)
+    resumed = train(extension_config(tmp_path / "base", swa_epochs=3), tmp_path / "part", resume=True,
+                    extend=tmp_path / "base", progress=False)
+    assert resumed.summary["test_accuracy"] == ext.summary["test_accuracy"]
+    sa, sb = after, load_model(tmp_path / "part").model.state_dict()
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+
+
+def test_extend_refuses_what_it_cannot_do(tmp_path):
+    from csgguard.train import extension_config
+
+    train(TrainConfig(data="digits", epochs=2, width=16), tmp_path / "base", progress=False)
+    with pytest.raises(CsgguardError, match="--swa-epochs"):
+        train(TrainConfig(data="digits", epochs=2, width=16), tmp_path / "x", extend=tmp_path / "base",
+              progress=False)
+    (tmp_path / "base" / "metrics.jsonl").write_text('{"epoch": 1}\n')  # an unfinished history
+    with pytest.raises(CsgguardError, match="only a finished run can be extended"):
+        train(extension_config(tmp_path / "base", swa_epochs=1), tmp_path / "y", extend=tmp_path / "base",
+              progress=False)
+    with pytest.raises(CsgguardError, match="--swa-lr"):
+        TrainConfig(swa_lr=0.0).validate()
+    with pytest.raises(CsgguardError, match="--swa-epochs"):
+        TrainConfig(swa_epochs=-1).validate()
+    assert TrainConfig.from_dict({"data": "cifar10"}).swa_epochs == 0  # configs saved before averaging existed

@@ -97,7 +97,7 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
 
     # every value is checked before anything is loaded: a bad request costs nothing
     attack_names, detector_names = _names(attacks, "attacks"), _names(detectors, "detectors")
-    fpr_value = parse_fraction(fpr, "--fpr")
+    fpr_value = parse_fraction(fpr, "--fpr", example="1/20")
     if not 0.0 < fpr_value < 1.0:
         raise CsgguardError(f"--fpr must be between 0 and 1, got {fpr}")
     eps_list, l2_list = parse_budget_list(eps, "--eps"), parse_budget_list(l2_eps, "--l2-eps")
