@@ -10,6 +10,7 @@
 #   TAG=cutout16 EXTRA="--cutout 16" KINDS=csg bash benchmarks/cpu_cifar.sh   (a recipe variant: ...-csg-cutout16)
 #   SWA=30 TAG=cutout16 EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh
 #       (weight averaging: 30 more epochs on top of the finished run, into ...-csg-e200-cutout16-swa30)
+#   SWA=30 SWA_LR=0.1 TAG=cutout16 EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh   (into ...-swa30-lr0.1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifar10-jpeg}
@@ -20,10 +21,10 @@ for kind in ${KINDS:-csg std}; do
   out=benchmarks/cpu-runs/cifar10-resnet20-$kind${EPOCHS:+-e$EPOCHS}${TAG:+-$TAG}
   flag=$([ $kind = std ] && echo --no-gate || echo --gate)
   if [ -n "${SWA:-}" ]; then
-    base=$out out=$out-swa$SWA
+    base=$out out=$out-swa$SWA${SWA_LR:+-lr$SWA_LR}
     [ -f $out/summary.json ] && continue
     res=$([ -f $out/checkpoint.safetensors ] && echo --resume || true)
-    .venv/bin/csgguard train --extend $base --swa-epochs $SWA --data-root "$DATA" --out $out $res \
+    .venv/bin/csgguard train --extend $base --swa-epochs $SWA ${SWA_LR:+--swa-lr $SWA_LR} --data-root "$DATA" --out $out $res \
       --format json --no-progress
     continue
   fi

@@ -110,3 +110,7 @@ def test_extend_from_the_command_line(runner, tmp_path):
     assert summary["weights"] == "average of epochs 3-4" and summary["epochs"] == 2
     manifest = json.loads((tmp_path / "ext" / "model.json").read_text())
     assert manifest["training"]["swa_epochs"] == 2 and manifest["training"]["swa_lr"] == 0.25
+    # an averaged run is not extended again (its history ends in averaging epochs); nor is --swa-lr 0 taken
+    assert "already holds averaged weights" in _one_line_error(runner.invoke(
+        main, ["train", "--extend", str(tmp_path / "ext"), "--swa-epochs", "1", "--out", str(tmp_path / "z")]))
+    assert runner.invoke(main, ["train", "--swa-lr", "0", "--out", str(tmp_path / "z")]).exit_code == 2

@@ -217,3 +217,26 @@ def test_extend_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(CsgguardError, match="--swa-epochs"):
         TrainConfig(swa_epochs=-1).validate()
     assert TrainConfig.from_dict({"data": "cifar10"}).swa_epochs == 0  # configs saved before averaging existed
+
+
+def test_averaged_batchnorm_is_estimated_on_images_augmented_as_in_training(monkeypatch):
+    from csgguard.data import load_dataset
+
+    cfg = TrainConfig(data="digits", epochs=1, swa_epochs=1, augment=True, cutout=2, width=16).resolved()
+    trainer = Trainer(cfg, load_dataset("digits"), torch.device("cpu"))
+    trainer.update_average()
+    seen = []
+    original = Trainer._augment
+
+    def counting(self, x, generator=None):
+        seen.append((len(x), generator is not None and generator is not self.generator))
+        return original(self, x, generator)
+
+    monkeypatch.setattr(Trainer, "_augment", counting)
+    state = trainer.generator.get_state()
+    net = trainer.averaged_network(limit=600)
+    assert sum(n for n, _ in seen) == 600 and all(own for _, own in seen)  # every image, by its own generator
+    assert torch.equal(trainer.generator.get_state(), state)                 # training's stream untouched
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean.clone()
+    again = trainer.averaged_network(limit=600)                               # reproducible
+    assert torch.equal(first, next(m for m in again.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean)
