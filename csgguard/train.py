@@ -535,6 +535,25 @@ def train(cfg: TrainConfig, out: str | Path = "runs/default", *, resume: bool = 
         return _train(cfg, Path(out), device, ctx, resume=resume, extend=extend, progress=progress, log=log)
 
 
+#: settings that say where a run trains, not what it trains: --resume may change them
+WHERE_NOT_WHAT = ("device", "data_root")
+
+
+def checkpoint_config(out: str | Path, *, data_root: str | None = None, device: str = "auto") -> TrainConfig:
+    """The settings an interrupted run in ``out`` was started with, for ``--resume`` without
+    retyping them (``data_root`` and ``device`` may differ: the data or the machine moved)."""
+    meta, _ = _read_checkpoint(Path(out))
+    try:
+        cfg = TrainConfig.from_dict(meta["config"])
+    except TypeError as exc:
+        raise CsgguardError(f"{Path(out) / CHECKPOINT_FILE}: unreadable settings ({exc})") from None
+    cfg.milestones = tuple(cfg.milestones)
+    cfg.device = device
+    if data_root is not None:
+        cfg.data_root = data_root
+    return cfg
+
+
 def extension_config(run: str | Path, *, swa_epochs: int, swa_lr: float = 0.5, data_root: str | None = None,
                      device: str = "auto", amp: bool = True) -> TrainConfig:
     """The recipe of the finished ``run`` (its model.json), with a weight-averaging phase added.
@@ -621,7 +640,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
         saved = TrainConfig.from_dict(meta["config"])
         saved.milestones = tuple(saved.milestones)
         was, now = saved.to_dict(), cfg.to_dict()
-        differ = [k for k in now if k != "device" and was.get(k) != now[k]]
+        differ = [k for k in now if k not in WHERE_NOT_WHAT and was.get(k) != now[k]]
         if differ:
             what = ", ".join(f"{k} {was.get(k)!r} -> {now[k]!r}" for k in differ)
             raise CsgguardError(f"{out}: --resume with different settings than the interrupted run ({what}); "

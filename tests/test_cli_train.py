@@ -114,3 +114,29 @@ def test_extend_from_the_command_line(runner, tmp_path):
     assert "already holds averaged weights" in _one_line_error(runner.invoke(
         main, ["train", "--extend", str(tmp_path / "ext"), "--swa-epochs", "1", "--out", str(tmp_path / "z")]))
     assert runner.invoke(main, ["train", "--swa-lr", "0", "--out", str(tmp_path / "z")]).exit_code == 2
+
+
+def test_resume_takes_the_interrupted_runs_own_settings(runner, tmp_path, monkeypatch):
+    """`csgguard train --out X --resume` (README, --help) must not need the options retyped."""
+    from csgguard.train import Trainer
+
+    original = Trainer.run_epoch
+
+    def interrupting(self, epoch, *a, **k):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch, *a, **k)
+
+    out = tmp_path / "part"
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "run_epoch", interrupting)
+        r = runner.invoke(main, ["train", "--out", str(out), "--epochs", "4", "--width", "16", "--seed", "3"])
+        assert r.exit_code != 0 and (out / "checkpoint.safetensors").is_file()
+    # an option that contradicts the checkpoint is still refused, by name
+    assert "seed 3 -> 4" in _one_line_error(runner.invoke(main, ["train", "--out", str(out), "--resume",
+                                                                 "--epochs", "4", "--width", "16", "--seed", "4"]))
+    r = runner.invoke(main, ["train", "--out", str(out), "--resume", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["epochs"] == 4
+    assert json.loads((out / "model.json").read_text())["training"]["width"] == 16

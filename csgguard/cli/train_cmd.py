@@ -114,7 +114,9 @@ def _describe_split(data: str) -> None:
 @click.option("--extend", "extend", type=click.Path(), default=None, metavar="RUN",
               help="Start from the finished run RUN (its recipe, weights and history) and train only "
                    "--swa-epochs averaging epochs into --out; RUN is left as it is.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its checkpoint, with "
+                                             "the settings it was started with (options given must match them; "
+                                             "--data-root and --device may change).")
 @format_option()
 @progress_option
 @click.pass_context
@@ -152,6 +154,10 @@ def train_command(ctx, data, data_root, out, arch, width, gate, epochs, batch_si
     check_output_dir(out, "--out")
     if extend is not None:
         cfg = _extension(ctx, extend, swa_epochs, swa_lr, data_root, device, amp, out)
+    elif resume and not _given(ctx, LOCATION_OPTIONS):  # the interrupted run's own settings
+        from ..train import checkpoint_config
+
+        cfg = checkpoint_config(out, data_root=data_root, device=device)
     else:
         cfg = TrainConfig(data=data, data_root=data_root, arch=arch, width=width, gate=gate, epochs=epochs,
                           batch_size=batch_size, optimizer=optimizer, lr=lr, csg_lr=csg_lr, gate_lr=gate_lr,
@@ -169,8 +175,16 @@ def train_command(ctx, data, data_root, out, arch, width, gate, epochs, batch_si
     emit_mapping({"run": str(result.run_dir), **result.summary}, fmt, title="training summary")
 
 
+# what says where and how a run is shown, not what it trains
+LOCATION_OPTIONS = {"data_root", "device", "out", "resume", "fmt", "progress"}
 # what --extend may be combined with: everything else is the extended run's recipe
-EXTEND_OPTIONS = {"extend", "swa_epochs", "swa_lr", "data_root", "device", "amp", "out", "resume", "fmt", "progress"}
+EXTEND_OPTIONS = LOCATION_OPTIONS | {"extend", "swa_epochs", "swa_lr", "amp"}
+
+
+def _given(ctx, allowed: set[str]) -> list[str]:
+    """The options typed on the command line (not defaults) outside ``allowed``."""
+    return sorted(p.name for p in ctx.command.params
+                  if p.name not in allowed and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT)
 
 
 def _extension(ctx, extend, swa_epochs, swa_lr, data_root, device, amp, out):
@@ -181,8 +195,7 @@ def _extension(ctx, extend, swa_epochs, swa_lr, data_root, device, amp, out):
     from ..models.store import resolve_run
     from ..train import extension_config
 
-    given = [p.name for p in ctx.command.params
-             if p.name not in EXTEND_OPTIONS and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
+    given = _given(ctx, EXTEND_OPTIONS)
     if given:
         raise CsgguardError("--extend takes the recipe from the run it extends; drop "
                             + ", ".join("--" + n.replace("_", "-") for n in sorted(given)))
