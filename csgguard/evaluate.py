@@ -533,7 +533,7 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
         check_compatible(models["csg"], models["std"])
     notes = model_role_notes(models)
     for note in notes:
-        log(f"[yellow]note:[/] {note}")
+        log(f"warning: {note}")
     ds = load_run_dataset(models["csg"], data_root=data_root)
     test = ds.test
     shape = tuple(test.images.shape[1:])

@@ -138,8 +138,11 @@ def test_seeded_runs_are_reproducible(loaded, xy):
     assert not np.array_equal(a.x_adv, c.x_adv)
 
 
-def test_pgd_restarts_retry_exactly_the_failures(loaded, xy):
-    x, y = xy[0][:48], xy[1][:48]
+def test_pgd_restarts_retry_exactly_the_failures(loaded):
+    # 240 images: on 48, whether a retry finds one more success depended on the CPU the fixture
+    # model was trained on (bf16 kernels differ: AMD AVX512-BF16 vs Intel AMX gave 5 -> 6 vs 5 -> 5)
+    test = load_dataset("digits").test
+    x, y = test.x()[:240], test.labels[:240]
     spec = make_attack("pgd", eps=None, steps=5, restarts=3)
     assert spec.restarts == 3 and "restarts=3" in repr(spec)  # the setting as given, in its own name
     build, calls = spec.foolbox_attack, []
