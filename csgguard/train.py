@@ -548,10 +548,15 @@ def checkpoint_config(out: str | Path, *, data_root: str | None = None, device: 
     """The settings an interrupted run in ``out`` was started with, for ``--resume`` without
     retyping them (``data_root`` and ``device`` may differ: the data or the machine moved)."""
     meta, _ = _read_checkpoint(Path(out))
+    return _saved_config(meta["config"], Path(out) / CHECKPOINT_FILE, data_root=data_root, device=device)
+
+
+def _saved_config(settings: dict[str, Any], where: Path, *, data_root: str | None, device: str) -> TrainConfig:
+    """A run's saved settings (checkpoint or model.json) as a config, moved to ``data_root`` / ``device``."""
     try:
-        cfg = TrainConfig.from_dict(meta["config"])
+        cfg = TrainConfig.from_dict(settings)
     except TypeError as exc:
-        raise CsgguardError(f"{Path(out) / CHECKPOINT_FILE}: unreadable settings ({exc})") from None
+        raise CsgguardError(f"{where}: unreadable training settings ({exc})") from None
     cfg.milestones = tuple(cfg.milestones)
     cfg.device = device
     if data_root is not None:
@@ -574,16 +579,10 @@ def extension_config(run: str | Path, *, swa_epochs: int, swa_lr: float | None =
     training = manifest.get("training")
     if not isinstance(training, dict):
         raise CsgguardError(f"{run_dir / 'model.json'}: holds no training section to extend")
-    try:
-        cfg = TrainConfig.from_dict(training)
-    except TypeError as exc:
-        raise CsgguardError(f"{run_dir / 'model.json'}: unreadable training section ({exc})") from None
+    cfg = _saved_config(training, run_dir / "model.json", data_root=data_root, device=device)
     if cfg.swa_epochs:
         raise CsgguardError(f"{run_dir}: already holds averaged weights ({cfg.swa_epochs} epochs); extend the run it came from")
-    cfg.milestones = tuple(cfg.milestones)
-    cfg.swa_epochs, cfg.swa_lr, cfg.device, cfg.amp = swa_epochs, swa_lr, device, amp
-    if data_root is not None:
-        cfg.data_root = data_root
+    cfg.swa_epochs, cfg.swa_lr, cfg.amp = swa_epochs, swa_lr, amp
     return cfg
 
 
@@ -642,8 +641,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
         if main:
             remove_stale_temporaries(out)  # a kill mid-write leaves .NAME.<random>.tmp; the CLI holds out's lock
         meta, tensors = _read_checkpoint(out)
-        saved = TrainConfig.from_dict(meta["config"])
-        saved.milestones = tuple(saved.milestones)
+        saved = _saved_config(meta["config"], out / CHECKPOINT_FILE, data_root=None, device=cfg.device)
         was, now = saved.to_dict(), cfg.to_dict()
         differ = [k for k in now if k not in WHERE_NOT_WHAT and was.get(k) != now[k]]
         if differ:
