@@ -3,7 +3,8 @@
 The gate detectors and the array baselines (Mahalanobis without pre-processing, LID,
 KD+BU) read the features of the forward pass that classifies the input, so their
 cost is the scoring arithmetic only. Feature squeezing needs one extra forward pass
-per squeezer; Mahalanobis with input pre-processing a forward + backward + forward.
+per squeezer, noise-response one per noisy copy (8); Mahalanobis with input
+pre-processing a forward + backward + forward.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/detector_cost.py [--images 512] [--repeats 3]
 
@@ -59,7 +60,9 @@ def main() -> None:
              ("lid", {}), ("kd-bu", {}), ("feature-squeezing", {}),
              # the screening cost does not depend on how many attacked images trained the heads
              ("csg-robust", {"limit": 200, "rounds": 1}), ("union", {}),
-             ("union", {"part_params": {"feature-squeezing": {"bits": 0, "median": [2]}}})]
+             ("union", {"part_params": {"feature-squeezing": {"bits": 0, "median": [2]}}}),
+             ("noise-response", {}), ("union", {"parts": "csg-clean,noise-response"}),
+             ("union", {"parts": "csg-clean,noise-response,feature-squeezing"})]
     for name, params in specs:
         det = build_detector(name, **params)
         if hasattr(det, "bind_model"):
@@ -68,9 +71,14 @@ def main() -> None:
         det.calibrate(cal, inputs=cal_x)
         inputs = x if det.needs_inputs else None
         light = "part_params" in params  # the union with the 2x2 median alone as its squeezing part
-        extra = {"feature-squeezing": "3 fwd", "union": "1 fwd" if light else "3 fwd",
+        noisy_union = "noise-response" in params.get("parts", "")
+        with_squeezing = "feature-squeezing" in params.get("parts", "")
+        copies = build_detector("noise-response").copies
+        extra = {"feature-squeezing": "3 fwd", "noise-response": f"{copies} fwd",
+                 "union": f"{copies + 3 * with_squeezing} fwd" if noisy_union else "1 fwd" if light else "3 fwd",
                  "mahalanobis": "fwd+bwd+fwd" if params else "0"}.get(name, "0")
-        label = name + (f" noise={params['noise']}" if "noise" in params else "") + (" (median 2x2)" if light else "")
+        label = (name + (f" noise={params['noise']}" if "noise" in params else "") + (" (median 2x2)" if light else "")
+                 + (" (+noise" + (", +squeezing)" if with_squeezing else ")") if noisy_union else ""))
         arithmetic = [("", S.SCREEN_DTYPE)] + ([(" (float64)", torch.float64)] if name.startswith("csg-") else [])
         for suffix, dtype in arithmetic:
             shipped, S.SCREEN_DTYPE = S.SCREEN_DTYPE, dtype

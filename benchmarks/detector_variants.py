@@ -62,6 +62,21 @@ UNIT_VARIANTS = {
     "default, units fit": ("taps-joint,pattern,margin", "sum", "tied", "fit"),
     "default, units held-out": ("taps-joint,pattern,margin", "sum", "tied", "held-out"),
 }
+#: the fourth question (docs/detectors.md): the union's default parts, for natural images at small budgets;
+#: each is (parts, part_params, extra forward passes per image). Candidates have a comma in their parts;
+#: the single detectors are references, not candidates.
+_NOISE = "csg-clean,noise-response"
+UNION_VARIANTS = {
+    "union csg-clean + feature-squeezing (current)": ("csg-clean,feature-squeezing", None, 3),
+    "union csg-clean + noise 4/255": (_NOISE, {"noise-response": {"sigma": 4 / 255}}, 8),
+    "union csg-clean + noise 8/255": (_NOISE, {"noise-response": {"sigma": 8 / 255}}, 8),
+    "union csg-clean + noise 16/255": (_NOISE, {"noise-response": {"sigma": 16 / 255}}, 8),
+    "union csg-clean + noise 4/255 + feature-squeezing": ("csg-clean,noise-response,feature-squeezing",
+                                                         {"noise-response": {"sigma": 4 / 255}}, 11),
+    "noise-response 4/255 alone (reference)": ("noise-response", {"noise-response": {"sigma": 4 / 255}}, 8),
+    "feature-squeezing alone (reference)": ("feature-squeezing", None, 3),
+    "csg-clean alone (reference)": ("csg-clean", None, 0),
+}
 SWEEP = {"digits": "0.05,0.1,0.2,0.3", "mnist": "0.05,0.1,0.2,0.3", "cifar10": "2/255,4/255,8/255,16/255"}
 
 
@@ -102,7 +117,8 @@ def adversarial_features(loaded, x, y, cells, cache: Path, label: str, log):
         ok = adv.successful()
         feats = extract_features(loaded.model, torch.as_tensor(ok.x_adv))
         keep = np.flatnonzero(feats.pred != ok.y)
-        out[name] = (feats.subset(keep), float(len(keep) / max(int(adv.attacked.sum()), 1)))
+        out[name] = (feats.subset(keep), float(len(keep) / max(int(adv.attacked.sum()), 1)),
+                     torch.as_tensor(ok.x_adv[keep]))
     return out
 
 
@@ -115,7 +131,8 @@ def study_model(label: str, run: str, args, log) -> list[dict]:
     ds = load_dataset(args.dataset, args.data_root)
     train = ds.train.subset(np.arange(min(args.fit_limit, len(ds.train))))
     f = extract_features(loaded.model, train.x())
-    fit = f.subset(np.flatnonzero(f.pred == train.labels.numpy()))
+    fit_rows = np.flatnonzero(f.pred == train.labels.numpy())
+    fit = f.subset(fit_rows)
     cal = extract_features(loaded.model, ds.val.x())
     perm = np.random.default_rng(0).permutation(len(ds.test))
     # head: the first --limit of the seeded order; tail: the last --limit, disjoint from the images
@@ -127,6 +144,9 @@ def study_model(label: str, run: str, args, log) -> list[dict]:
     cache = Path(args.cache) / (args.dataset + ("" if args.test_rows == "head" else "-tail"))
     cache.mkdir(parents=True, exist_ok=True)
     adv = adversarial_features(loaded, x, y, cells, cache, label, log)
+    if args.study == "union":
+        return study_unions(loaded, label, args, (fit, train.x()[torch.as_tensor(fit_rows)]), (cal, ds.val.x()),
+                            (clean, x), adv, log)
     out = []
     for vname, (components, combine, covariance, *units) in (UNIT_VARIANTS if args.study == "units"
                                                              else VARIANTS).items():
@@ -135,7 +155,7 @@ def study_model(label: str, run: str, args, log) -> list[dict]:
         det.calibrate(cal)
         s_clean = det.score_samples(clean)
         fpr = float(np.mean(s_clean > det.threshold_))
-        for cname, (fa, success) in adv.items():
+        for cname, (fa, success, _) in adv.items():
             s = det.score_samples(fa)
             out.append({"dataset": args.dataset, "model": label, "variant": vname, "components": components,
                         "combine": combine, "covariance": covariance, "attack": cname, "auroc": auroc(s_clean, s) if len(s) else None,
@@ -146,13 +166,43 @@ def study_model(label: str, run: str, args, log) -> list[dict]:
         comps = "taps,taps-joint,pattern,mismatch,margin,norm" if covariance == "tied" else "pattern"
         det = GateCleanDetector(components=comps, covariance=covariance).fit(fit).calibrate(cal)
         z_clean = det.statistics(clean)
-        for cname, (fa, _) in adv.items():
+        for cname, (fa, _, _) in adv.items():
             z = det.statistics(fa)
             for comp in z:
                 suffix = " (class covariance)" if covariance == "class" else ""
                 out.append({"dataset": args.dataset, "model": label, "variant": f"component {comp}{suffix}",
                             "attack": cname, "auroc": auroc(z_clean[comp], z[comp]) if len(fa) else None,
                             "tpr": None, "n_adv": len(fa)})
+    return out
+
+
+def study_unions(loaded, label: str, args, fit, cal, clean, adv, log) -> list[dict]:
+    """The fourth question's candidates (``UNION_VARIANTS``): each union fitted on the fit images,
+    its parts' tables and threshold from the validation images (as ``csgguard fit`` does), scored on
+    the clean test images and every adversarial set, the model bound for the parts that run it."""
+    from csgguard.detectors import build_detector
+    from csgguard.metrics import auroc
+
+    out = []
+    for vname, (parts, part_params, passes) in UNION_VARIANTS.items():
+        t = time.perf_counter()
+        if "," in parts:
+            det = build_detector("union", parts=parts, part_params=part_params)
+        else:
+            det = build_detector(parts, **(part_params or {}).get(parts, {}))
+        det.bind_model(loaded.model)
+        det.fit(fit[0], inputs=fit[1] if det.needs_inputs else None)
+        det.calibrate(cal[0], inputs=cal[1] if det.needs_inputs else None)
+        s_clean = det.score_samples(clean[0], inputs=clean[1] if det.needs_inputs else None)
+        fpr = float(np.mean(s_clean > det.threshold_))
+        for cname, (fa, success, xa) in adv.items():
+            s = det.score_samples(fa, inputs=xa if det.needs_inputs else None) if len(fa) else np.zeros(0)
+            out.append({"dataset": args.dataset, "model": label, "variant": vname, "components": parts,
+                        "extra_passes": passes, "attack": cname,
+                        "auroc": auroc(s_clean, s) if len(s) else None,
+                        "tpr": float(np.mean(s > det.threshold_)) if len(s) else None, "n_adv": len(s),
+                        "success_rate": success, "realised_fpr": fpr})
+        log(f"  {label} {vname}: {time.perf_counter() - t:.0f}s")
     return out
 
 
@@ -228,6 +278,33 @@ def apply_regret_rule(rows: list[dict]) -> list[dict]:
             + sorted(rest, key=lambda o: o["max_regret"]))
 
 
+def apply_union_rule(rows: list[dict]) -> list[dict]:
+    """The fourth rule of docs/detectors.md (the union's default parts), best first: minimax regret over
+    every (dataset, model, attack) cell among the unions (the single detectors are references); ties
+    within 0.01 of the smallest largest regret go to fewer extra forward passes, then the higher mean
+    AUROC."""
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if "," in
+                next(r for r in rows if r["variant"] == v)["components"]]
+    table: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r["variant"] in variants and r["auroc"] is not None:
+            table.setdefault((r["dataset"], r["model"], r["attack"]), {})[r["variant"]] = r["auroc"]
+    cells = {k: v for k, v in table.items() if len(v) == len(variants)}
+    out = []
+    for v in variants:
+        regrets = {k: max(c.values()) - c[v] for k, c in cells.items()}
+        worst_cell = max(regrets, key=regrets.get)
+        aurocs = [c[v] for c in cells.values()]
+        out.append({"variant": v, "max_regret": regrets[worst_cell], "at": " ".join(worst_cell),
+                    "mean_auroc": float(np.mean(aurocs)), "worst_auroc": min(aurocs),
+                    "components": next(r for r in rows if r["variant"] == v)["extra_passes"]})
+    best = min(o["max_regret"] for o in out)
+    tied = [o for o in out if o["max_regret"] <= best + 0.01]
+    rest = [o for o in out if o["max_regret"] > best + 0.01]
+    return (sorted(tied, key=lambda o: (o["components"], -o["mean_auroc"]))
+            + sorted(rest, key=lambda o: o["max_regret"]))
+
+
 def apply_units_rule(rows: list[dict], margin: float = 0.01, fpr_tolerance: float = 0.02,
                      target_fpr: float = 0.05) -> dict:
     """The third rule of docs/detectors.md: ``held-out`` units become the default only if their largest
@@ -271,9 +348,11 @@ def summarise(paths: list[str], rule: str = "regret") -> None:
         for i, (v, a, t, n) in enumerate(apply_rule(rows), 1):
             print(f"| {i} | {v} | {a:.3f} | {t:.2f} | {n} |")
         return
-    print("| rank | variant | largest regret | at | mean AUROC | worst AUROC | components |")
+    ranked = apply_union_rule(rows) if rule == "union" else apply_regret_rule(rows)
+    last = "extra forward passes" if rule == "union" else "components"
+    print(f"| rank | variant | largest regret | at | mean AUROC | worst AUROC | {last} |")
     print("|---|---|---|---|---|---|---|")
-    for i, o in enumerate(apply_regret_rule(rows), 1):
+    for i, o in enumerate(ranked, 1):
         print(f"| {i} | {o['variant']} | {o['max_regret']:.3f} | {o['at']} | {o['mean_auroc']:.3f} | "
               f"{o['worst_auroc']:.3f} | {o['components']} |")
 
@@ -298,18 +377,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--fit-limit", type=int, default=20000, help="at most this many training images to fit on")
     p.add_argument("--eps", default=None, help="Linf budgets, e.g. 0.05,0.1 or 2/255,8/255")
     p.add_argument("--cache", default="runs/study/variants")
+    p.add_argument("--only", choices=("CSG", "STD"), default=None,
+                   help="study one model of the pair (two processes, one per model, each on its own core)")
     p.add_argument("--json", default=None)
-    p.add_argument("--study", choices=("variants", "units"), default="variants",
+    p.add_argument("--study", choices=("variants", "units", "union"), default="variants",
                    help="variants: the second choice's candidates and the component ablation; units: the "
-                        "third question (the default with fit vs held-out units)")
+                        "third question (the default with fit vs held-out units); union: the fourth "
+                        "(the union's default parts)")
     args = p.parse_args(argv)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    rows = study_model("CSG", args.csg, args, log)
-    if args.std:
+    rows = study_model("CSG", args.csg, args, log) if args.only in (None, "CSG") else []
+    if args.std and args.only in (None, "STD"):
         rows += study_model("STD", args.std, args, log)
     print(f"# detector variants on {args.dataset}")
     print(f"command: {command_line()}")

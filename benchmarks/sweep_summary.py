@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-BASELINES = ("mahalanobis", "lid", "kd-bu", "feature-squeezing")
+BASELINES = ("mahalanobis", "lid", "kd-bu", "feature-squeezing", "noise-response")
 
 
 def main() -> None:

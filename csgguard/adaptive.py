@@ -61,7 +61,7 @@ import torch
 from .errors import CsgguardError
 from .features import extract_features
 
-Surrogate = Callable[..., torch.Tensor]  # (logits, pooled, taps) -> score, higher = more adversarial
+Surrogate = Callable[..., torch.Tensor]  # (logits, pooled, taps, *, inputs) -> score, higher = more adversarial
 
 #: the loss forms of the strongest attack, in the order they run (cheapest first: later forms skip evaded images)
 STRONGEST = ("margin", "targeted", "feature")
@@ -73,9 +73,12 @@ def detector_surrogate(det) -> Surrogate:
     if not hasattr(det, "torch_score"):
         raise CsgguardError(f"detector {det.name!r} has no differentiable score to attack")
     fn = det.torch_score
-    if "taps" not in inspect.signature(fn).parameters:  # a score of (logits, pooled) only, e.g. mahalanobis
-        return lambda logits, pooled, taps=(): fn(logits, pooled)
-    return fn
+    params = inspect.signature(fn).parameters
+    if "inputs" in params:  # a score that runs the model again on the inputs (noise-response)
+        return lambda logits, pooled, taps=(), *, inputs: fn(logits, pooled, taps, inputs=inputs)
+    if "taps" not in params:  # a score of (logits, pooled) only, e.g. mahalanobis
+        return lambda logits, pooled, taps=(), *, inputs=None: fn(logits, pooled)
+    return lambda logits, pooled, taps=(), *, inputs=None: fn(logits, pooled, taps)
 
 
 @dataclass
@@ -247,7 +250,7 @@ def attack_loss(model, x0: torch.Tensor, y: torch.Tensor, loss: AdaptiveLoss, ct
         xa.requires_grad_(True)
         with torch.enable_grad():
             out = model.forward_signals(xa)
-            det = ctx.surrogate(out.logits, out.pooled, out.taps)
+            det = ctx.surrogate(out.logits, out.pooled, out.taps, inputs=xa)
             value = loss(out, det, y, target, torch.where(ever, w, 0.0) if loss.schedule else w, ctx)
             (grad,) = torch.autograd.grad(value.sum(), xa)
         with torch.no_grad():
@@ -405,14 +408,18 @@ def adaptive_spec(method: str):
 
                 model.to(select_device(device))
             dev = next(model.parameters()).device
-            scores = det.score_samples(extract_features(model, x, batch_size=batch_size, device=dev))
+            if getattr(det, "needs_inputs", False):
+                det.bind_model(model)
+            scores = det.score_samples(extract_features(model, x, batch_size=batch_size, device=dev),
+                                       inputs=x if det.needs_inputs else None)
             t = time.perf_counter()
             adv = adaptive_attack(model, x, y, det, eps=eps, threshold=float(det.threshold_),
                                   scale=float(np.std(scores)) or 1.0, steps=self.steps, weights=self.weights,
                                   seed=seed, batch_size=batch_size, index=index, forms=form)
             extra = adv.meta
-            s_adv = det.score_samples(extract_features(model, torch.as_tensor(adv.x_adv), batch_size=batch_size,
-                                                       device=dev))
+            x_adv = torch.as_tensor(adv.x_adv)
+            s_adv = det.score_samples(extract_features(model, x_adv, batch_size=batch_size, device=dev),
+                                      inputs=x_adv if det.needs_inputs else None)
             evaded = adv.success & (s_adv <= det.threshold_)
             adv.meta = {**self._meta(adv, eps=eps, seed=seed, batch_size=batch_size, device=dev,
                                      seconds=time.perf_counter() - t, model_sha256=model_sha256),

@@ -64,7 +64,7 @@ from .sweep import (
 ATTACKS = tuple(SWEEP_ATTACKS)
 EPS_ATTACKS = tuple(a for a, (_, norm) in SWEEP_ATTACKS.items() if norm is not None)
 DEFAULT_ATTACKS = ("fgsm", "pgd", "bim", "pgd-l2", "cw", "deepfool")
-DEFAULT_DETECTORS = ("csg-clean", "csg-supervised", "mahalanobis", "lid", "kd-bu", "feature-squeezing")
+DEFAULT_DETECTORS = ("csg-clean", "csg-supervised", "mahalanobis", "lid", "kd-bu", "feature-squeezing", "noise-response")
 DEFAULT_SUPERVISED_ON = ("fgsm", "pgd")
 ADAPTIVE = "adaptive-pgd"
 ADAPTIVE_TARGET = "csg-clean"

@@ -21,6 +21,7 @@ DETECTORS: dict[str, str] = {
     "lid": "lid:LIDDetector",
     "kd-bu": "kd_bu:KDBUDetector",
     "feature-squeezing": "squeeze:FeatureSqueezingDetector",
+    "noise-response": "noise:NoiseResponseDetector",
     "union": "union:UnionDetector",
 }
 

@@ -293,7 +293,13 @@ class GateRobustDetector(Detector):
         best iterate = lowest detector score), half of the images untargeted, half pushed
         into a random other class so every class's detector sees examples pushed into it.
         """
-        from ..adaptive import Context, MarginDetectorLoss, MultiTargetedLoss, attack_loss
+        from ..adaptive import (
+            Context,
+            MarginDetectorLoss,
+            MultiTargetedLoss,
+            attack_loss,
+            detector_surrogate,
+        )
 
         model = self._model
         dev = next(model.parameters()).device
@@ -308,7 +314,7 @@ class GateRobustDetector(Detector):
         targeted = torch.as_tensor(rng.random(len(y)) < 0.5) if adaptive else torch.zeros(len(y), dtype=torch.bool)
         eps = torch.as_tensor(rng.choice(budgets, len(y)), dtype=torch.float32)
         if adaptive:
-            ctx, w0 = Context(self.torch_score, self.fit_threshold_, self.fit_scale_, [], []), 1.0
+            ctx, w0 = Context(detector_surrogate(self), self.fit_threshold_, self.fit_scale_, [], []), 1.0
             losses = {False: MarginDetectorLoss(), True: MultiTargetedLoss()}
         else:
             ctx, w0 = Context(_unconfidence, float("inf"), 1.0, [], []), 0.0
@@ -471,7 +477,7 @@ def _heads(a: dict[str, torch.Tensor], u: torch.Tensor, pred: torch.Tensor) -> t
     return torch.empty(len(u), dtype=u.dtype, device=u.device).index_put((order,), torch.cat(parts))
 
 
-def _unconfidence(logits, pooled, taps=()) -> torch.Tensor:
+def _unconfidence(logits, pooled, taps=(), *, inputs=None) -> torch.Tensor:
     """``-(top1 - top2)`` logit: the plain round keeps the most confidently misclassified iterate."""
     top2 = logits.detach().double().topk(2, dim=1).values
     return top2[:, 1] - top2[:, 0]

@@ -21,7 +21,7 @@ Cost: the sum of the parts' (csg-clean + feature-squeezing: three extra forward 
 the median filters, 3-6x one forward pass; ``benchmarks/detector_cost.py``). It is an option
 for natural images where that is affordable, not the default. It has no differentiable score, so ``evaluate --adaptive``
 does not attack it. Parts must be clean-only detectors that fit without attacking anything
-(csg-clean, mahalanobis, feature-squeezing; not a union).
+(csg-clean, mahalanobis, feature-squeezing, noise-response; not a union).
 """
 
 from __future__ import annotations

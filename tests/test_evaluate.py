@@ -12,7 +12,7 @@ import csgguard.evaluate as E
 from csgguard import load_model
 from csgguard.cli import main
 
-DETECTORS = ("csg-clean", "csg-supervised", "mahalanobis", "lid", "kd-bu", "feature-squeezing")
+DETECTORS = ("csg-clean", "csg-supervised", "mahalanobis", "lid", "kd-bu", "feature-squeezing", "noise-response")
 ATTACKS = ("fgsm", "pgd")
 FIELDS = ("auroc", "tpr_at_5pct_fpr", "tpr_at_1pct_fpr", "tpr_at_target_fpr", "realised_fpr", "threshold",
           "attack_success_rate", "n_adv_eval", "n_clean_eval", "n_attacked", "seen", "roc")

@@ -25,7 +25,7 @@ from .common import (
 # = csgguard.evaluate.DEFAULT_ATTACKS / DEFAULT_DETECTORS / DEFAULT_SUPERVISED_ON, kept here so --help does
 # not import torch (tests/test_structure.py checks they agree)
 DEFAULT_ATTACKS = ("fgsm", "pgd", "bim", "pgd-l2", "cw", "deepfool")
-DEFAULT_DETECTORS = ("csg-clean", "csg-supervised", "mahalanobis", "lid", "kd-bu", "feature-squeezing")
+DEFAULT_DETECTORS = ("csg-clean", "csg-supervised", "mahalanobis", "lid", "kd-bu", "feature-squeezing", "noise-response")
 DEFAULT_SUPERVISED_ON = ("fgsm", "pgd")
 
 
@@ -61,7 +61,7 @@ def _names(value: str, what: str) -> tuple[str, ...]:
               help="Also run the adaptive attack (classifier + detector together) at every Linf budget.")
 @click.option("--adaptive-targets", default=None, metavar="LIST|all",
               help="Detectors the adaptive attack is aimed at, each through its own differentiable score "
-                   "(csg-clean, csg-robust, mahalanobis; 'all': every evaluated one that has such a score; "
+                   "(csg-clean, csg-robust, mahalanobis, noise-response; 'all': every evaluated one that has such a score; "
                    "default csg-clean). The others are scored on the attack aimed at the first target, marked "
                    "as transfer.")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True, help="Fixes the splits and the attacks' randomness.")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
 
 from ..errors import CsgguardError
 from ..progress import log
+from ..sweep import parse_fraction
 from . import main
 from .common import (
     NON_NEGATIVE_INT,
@@ -28,7 +30,8 @@ from .common import (
 @click.option("--detector", default="csg-clean", show_default=True,
               help="csg-clean (clean-only, attack-agnostic), csg-supervised (clean vs --attacks), csg-robust "
                    "(trained against attacks on itself) or union (csg-clean and feature squeezing flagging "
-                   "together, --param parts=A,B; three extra forward passes per screened image); also any "
+                   "together, --param parts=A,B; three extra forward passes per screened image), noise-response "
+                   "(how the logits move under random noise, --param sigma=4/255; eight extra passes); also any "
                    "baseline (mahalanobis, lid, kd-bu, feature-squeezing).")
 @click.option("--attacks", default="pgd,fgsm", show_default=True,
               help="Attacks generated on train-split images for a supervised detector (comma-separated): fgsm, "
@@ -42,7 +45,8 @@ from .common import (
               help="Target false-positive rate; the threshold is set on the clean val split.")
 @click.option("--limit", type=POSITIVE_INT, default=None, help="Use only the first N train images (faster fits).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Detector parameter, e.g. --param combine=sum (JSON values allowed); repeatable.")
+              help="Detector parameter, e.g. --param combine=sum (JSON values and fractions like 4/255 "
+                   "allowed); repeatable.")
 @click.option("--data-root", type=click.Path(), default=None,
               help="Dataset root, when the run was trained on mnist/cifar10.")
 @click.option("--out", type=click.Path(), default=None,
@@ -69,6 +73,7 @@ def fit_command(run_dir, detector, attacks, eps, l2_eps, fpr, limit, params, dat
       csgguard fit --detector csg-supervised --attacks fgsm,pgd,pgd-l2 --eps 0.05,0.1,0.2 --l2-eps 1
       csgguard fit --run runs/std --param combine=sum --out runs/std/sum.json
       csgguard fit --run cifar10-resnet20-csg --detector union --out my/union.json  # + feature squeezing
+      csgguard fit --run cifar10-resnet20-csg --detector noise-response --param sigma=4/255 --out my/noise.json
     """
     from ..artifacts import check_output_dir, check_output_file, folder_lock
 
@@ -111,6 +116,8 @@ def _parse_params(detector: str, params) -> dict:
             parsed[key] = parse_json(value)
         except json.JSONDecodeError:
             parsed[key] = value
+            if re.fullmatch(r"\s*\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*", value):  # a fraction: sigma=4/255
+                parsed[key] = parse_fraction(value, f"--param {key}", example="4/255")
         except ValueError as exc:
             raise CsgguardError(f"--param {item}: {exc}") from None
     try:
