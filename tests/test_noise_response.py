@@ -174,3 +174,28 @@ def test_the_adaptive_attack_differentiates_the_score_and_evades_it(digits):
     flagged = (det.score_samples(extract_features(loaded.model, xa), inputs=xa) > thr).mean()
     assert adv.success.mean() > 0.5
     assert flagged < 0.5 < flagged_plain, (flagged, flagged_plain)
+
+
+def test_cli_attack_adaptive_against_a_saved_noise_response_detector(digits_csg_run, tmp_path):
+    """`csgguard attack --method adaptive-margin` on a run whose detector file is noise-response: the
+    loaded detector is given the model and the images, and the saved set counts its evasions."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from csgguard.attacks import load_adversarial_set
+    from csgguard.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_csg_run, run)
+    r = CliRunner().invoke(main, ["fit", "--run", str(run), "--detector", "noise-response", "--param", "sigma=0.05",
+                                  "--format", "json", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "adaptive.npz"
+    r = CliRunner().invoke(main, ["attack", "--method", "adaptive-margin", "--run", str(run), "--eps", "0.3",
+                                  "--limit", "40", "--steps", "10", "--out", str(out), "--format", "json",
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    adv = load_adversarial_set(out)
+    assert adv.meta["target_detector"] == "noise-response"
+    assert adv.meta["succeeded"] >= 20 and adv.meta["evaded"] >= 0.5 * adv.meta["succeeded"], adv.meta
