@@ -134,7 +134,9 @@ class NoiseResponseDetector(Detector):
     def torch_score(self, logits: torch.Tensor, pooled: torch.Tensor | None = None, taps=(), *,
                     inputs: torch.Tensor) -> torch.Tensor:
         """The score of :meth:`score_samples` for the batch ``inputs`` whose logits are ``logits``; float64,
-        differentiable in both (used by screening and by the adaptive attack)."""
+        differentiable in both (used by screening and by the adaptive attack). The whole batch runs at
+        once, ``copies`` noisy images per input: the attack's batch size (``--batch-size``) bounds its
+        memory, not ``batch_size``."""
         model = self._bound_model(inputs, self.name)
         d, y = self._gap_response(model, inputs, logits)
         mean = torch.as_tensor(self.mean_, device=d.device)[y]
