@@ -63,6 +63,7 @@ def main() -> None:
              ("union", {"part_params": {"feature-squeezing": {"bits": 0, "median": [2]}}}),
              ("noise-response", {}), ("union", {"parts": "csg-clean,noise-response"}),
              ("union", {"parts": "csg-clean,noise-response,feature-squeezing"})]
+    copies = build_detector("noise-response").copies  # the default bank's extra forward passes
     for name, params in specs:
         det = build_detector(name, **params)
         if hasattr(det, "bind_model"):
@@ -73,7 +74,6 @@ def main() -> None:
         light = "part_params" in params  # the union with the 2x2 median alone as its squeezing part
         noisy_union = "noise-response" in params.get("parts", "")
         with_squeezing = "feature-squeezing" in params.get("parts", "")
-        copies = build_detector("noise-response").copies
         extra = {"feature-squeezing": "3 fwd", "noise-response": f"{copies} fwd",
                  "union": f"{copies + 3 * with_squeezing} fwd" if noisy_union else "1 fwd" if light else "3 fwd",
                  "mahalanobis": "fwd+bwd+fwd" if params else "0"}.get(name, "0")

@@ -250,14 +250,11 @@ def apply_rule(rows: list[dict]) -> list[tuple[str, float, float, int]]:
     return sorted(tied, key=lambda t: (-t[2], t[3])) + sorted(rest, key=lambda t: -t[1])
 
 
-def apply_regret_rule(rows: list[dict]) -> list[dict]:
-    """The second rule of docs/detectors.md (minimax regret), best first.
-
-    A cell is (dataset, model, attack); a candidate's regret there is the best candidate's
-    AUROC minus its own. Smallest largest regret wins; ties within 0.01 go to the higher
-    mean AUROC over all cells, then to fewer components.
-    """
-    variants = _candidates(rows)
+def _minimax_regret(rows: list[dict], variants: list[str], cost, tie_order) -> list[dict]:
+    """Candidates ranked by minimax regret, best first: a cell is (dataset, model, attack), a
+    candidate's regret there the best candidate's AUROC minus its own; the smallest largest regret
+    wins, candidates within 0.01 of it are ordered by ``tie_order`` (a sort key over the row),
+    the rest by their regret. ``cost(variant)`` fills the row's ``components`` column."""
     table: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if r["variant"] in variants and r["auroc"] is not None:
@@ -269,40 +266,28 @@ def apply_regret_rule(rows: list[dict]) -> list[dict]:
         worst_cell = max(regrets, key=regrets.get)
         aurocs = [c[v] for c in cells.values()]
         out.append({"variant": v, "max_regret": regrets[worst_cell], "at": " ".join(worst_cell),
-                    "mean_auroc": float(np.mean(aurocs)), "worst_auroc": min(aurocs),
-                    "components": _n_components(rows, v)})
+                    "mean_auroc": float(np.mean(aurocs)), "worst_auroc": min(aurocs), "components": cost(v)})
     best = min(o["max_regret"] for o in out)
     tied = [o for o in out if o["max_regret"] <= best + 0.01]
     rest = [o for o in out if o["max_regret"] > best + 0.01]
-    return (sorted(tied, key=lambda o: (-o["mean_auroc"], o["components"]))
-            + sorted(rest, key=lambda o: o["max_regret"]))
+    return sorted(tied, key=tie_order) + sorted(rest, key=lambda o: o["max_regret"])
+
+
+def apply_regret_rule(rows: list[dict]) -> list[dict]:
+    """The second rule of docs/detectors.md (minimax regret), best first: ties within 0.01 go to
+    the higher mean AUROC over all cells, then to fewer components."""
+    return _minimax_regret(rows, _candidates(rows), lambda v: _n_components(rows, v),
+                           lambda o: (-o["mean_auroc"], o["components"]))
 
 
 def apply_union_rule(rows: list[dict]) -> list[dict]:
-    """The fourth rule of docs/detectors.md (the union's default parts), best first: minimax regret over
-    every (dataset, model, attack) cell among the unions (the single detectors are references); ties
-    within 0.01 of the smallest largest regret go to fewer extra forward passes, then the higher mean
-    AUROC."""
-    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if "," in
-                next(r for r in rows if r["variant"] == v)["components"]]
-    table: dict[tuple, dict[str, float]] = {}
-    for r in rows:
-        if r["variant"] in variants and r["auroc"] is not None:
-            table.setdefault((r["dataset"], r["model"], r["attack"]), {})[r["variant"]] = r["auroc"]
-    cells = {k: v for k, v in table.items() if len(v) == len(variants)}
-    out = []
-    for v in variants:
-        regrets = {k: max(c.values()) - c[v] for k, c in cells.items()}
-        worst_cell = max(regrets, key=regrets.get)
-        aurocs = [c[v] for c in cells.values()]
-        out.append({"variant": v, "max_regret": regrets[worst_cell], "at": " ".join(worst_cell),
-                    "mean_auroc": float(np.mean(aurocs)), "worst_auroc": min(aurocs),
-                    "components": next(r for r in rows if r["variant"] == v)["extra_passes"]})
-    best = min(o["max_regret"] for o in out)
-    tied = [o for o in out if o["max_regret"] <= best + 0.01]
-    rest = [o for o in out if o["max_regret"] > best + 0.01]
-    return (sorted(tied, key=lambda o: (o["components"], -o["mean_auroc"]))
-            + sorted(rest, key=lambda o: o["max_regret"]))
+    """The fourth rule of docs/detectors.md (the union's default parts), best first: minimax regret
+    among the unions (the single detectors are references); ties within 0.01 of the smallest
+    largest regret go to fewer extra forward passes, then the higher mean AUROC."""
+    first = {r["variant"]: r for r in reversed(rows)}
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if "," in first[v]["components"]]
+    return _minimax_regret(rows, variants, lambda v: first[v]["extra_passes"],
+                           lambda o: (o["components"], -o["mean_auroc"]))
 
 
 def apply_units_rule(rows: list[dict], margin: float = 0.01, fpr_tolerance: float = 0.02,

@@ -124,9 +124,9 @@ def test_fit_and_screen_from_the_cli_with_a_fraction_parameter(digits_csg_run, t
     import shutil
 
     from click.testing import CliRunner
-    from PIL import Image
 
     from csgguard.cli import main
+    from csgguard.images import encode_png
 
     run = tmp_path / "run"
     shutil.copytree(digits_csg_run, run)
@@ -139,7 +139,7 @@ def test_fit_and_screen_from_the_cli_with_a_fraction_parameter(digits_csg_run, t
     folder = tmp_path / "png"
     folder.mkdir()
     for i, img in enumerate(load_dataset("digits").test.x()[:5].numpy()):
-        Image.fromarray(np.clip(img[0] * 255 + 0.5, 0, 255).astype(np.uint8), "L").save(folder / f"{i}.png")
+        (folder / f"{i}.png").write_bytes(encode_png(img))
     r = CliRunner().invoke(main, ["screen", str(folder), "--run", str(run), "--format", "jsonl", "--no-progress"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
