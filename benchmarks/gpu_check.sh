@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: the CIFAR-10 ResNet-20 recipe (`csgguard train --data cifar10`,
-# cosine, bf16, channels-last) for EPOCHS epochs (default 40: the default recipe's 200 epochs
-# side by side take about 1,000 s on an H100, past one call's limit), CSG and STD trained side by side on the
-# one GPU, then benchmarks/speed.py on CUDA. Results land in $OUT; the two run directories
-# come back as $OUT/cifar_runs.tar.
+# cosine, bf16, channels-last) for EPOCHS epochs (default 40, no weight averaging: the default
+# recipe's 200 + 30 epochs side by side take about 1,150 s on an H100, past one call's limit), CSG
+# and STD trained side by side on the one GPU, then benchmarks/speed.py on CUDA. VARIANTS adds
+# recipe variants trained at the same time, each "tag:kind:extra train options" separated by ';'
+# (e.g. "ls:csg:--label-smoothing 0.1;ls:std:--label-smoothing 0.1"): a ResNet-20 leaves the card
+# mostly idle, so a few more runs cost little wall time. Results land in $OUT: gpu.txt, the speed
+# figures, and cifar_runs.tar (every run directory with its train_*.json / train_*.log).
 #
 # Run from the repository root on a machine with one CUDA GPU. Needs, carried beside
 # the working tree (both git-ignored; see docs/scaling.md):
@@ -19,6 +22,8 @@ PY=${PYTHON:-python3}
 DATA=${CIFAR_ROOT:-.data/cifar10-jpeg}
 DEVICE=${DEVICE:-cuda}          # DEVICE=cpu + TRAIN_EXTRA give a CPU dry run of this script
 EPOCHS=${EPOCHS:-40}
+SWA_EPOCHS=${SWA_EPOCHS:-0}
+VARIANTS=${VARIANTS:-}
 TRAIN_EXTRA=${TRAIN_EXTRA:-}    # e.g. "--train-limit 500" (EPOCHS=2 for a dry run)
 SPEED_EXTRA=${SPEED_EXTRA:-}    # e.g. "--quick"
 RUNS=/tmp/runs
@@ -44,17 +49,30 @@ export PYTHONPATH=/tmp/pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   $PY -P -c "from csgguard import load_dataset; d = load_dataset('cifar10', '$DATA'); print('cifar10', len(d.train), len(d.val), len(d.test))"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-# 2. the shipped recipe, CSG and STD side by side (one small network leaves the GPU mostly idle)
-for kind in csg std; do
-  flag=$([ $kind = std ] && echo --no-gate || echo --gate)
-  timeout 400 $PY -P -m csgguard train --data cifar10 --data-root "$DATA" --device "$DEVICE" $flag --epochs $EPOCHS $TRAIN_EXTRA \
-    --out $RUNS/cifar10-resnet20-$kind --format json --no-progress > "$OUT/train_$kind.json" 2> "$OUT/train_$kind.log" &
+# 2. the shipped recipe, CSG and STD side by side (one small network leaves the GPU mostly idle),
+#    and the VARIANTS beside them
+mkdir -p $RUNS
+train() {  # tag kind extra...
+  local tag=$1 kind=$2; shift 2
+  local name=cifar10-resnet20-$kind${tag:+-$tag}
+  local flag=$([ $kind = std ] && echo --no-gate || echo --gate)
+  timeout ${TRAIN_TIMEOUT:-400} $PY -P -m csgguard train --data cifar10 --data-root "$DATA" --device "$DEVICE" $flag \
+    --epochs $EPOCHS --swa-epochs $SWA_EPOCHS $TRAIN_EXTRA "$@" --out $RUNS/$name --format json --no-progress \
+    > "$RUNS/train_$name.json" 2> "$RUNS/train_$name.log"
+  echo "$name rc=$? after $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+}
+for kind in csg std; do train "" $kind & done
+IFS=';' read -ra variants <<< "$VARIANTS"
+for v in "${variants[@]}"; do
+  IFS=':' read -r tag kind extra <<< "$v"
+  train "$tag" "$kind" $extra &
 done
 wait
 echo "training done after $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 tar -C $RUNS -cf "$OUT/cifar_runs.tar" . 2>&1 | tee -a "$OUT/gpu.txt"
 
-# 3. speed figures on CUDA (CIFAR-10 ResNet-20)
+# 3. speed figures on CUDA (CIFAR-10 ResNet-20); SKIP_SPEED=1 leaves them out (a second, shorter call)
+[ -n "${SKIP_SPEED:-}" ] && exit 0
 timeout 100 $PY benchmarks/speed.py --device "$DEVICE" --data cifar10 --data-root "$DATA" $SPEED_EXTRA \
   --json "$OUT/speed_cuda_cifar10.json" > "$OUT/speed_cuda_cifar10.log" 2>&1
 echo "speed cifar10 rc=$? after $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
