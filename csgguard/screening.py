@@ -74,13 +74,23 @@ class Screener:
 
     @torch.no_grad()
     def score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(predicted index, softmax confidence, score) for a [0, 1] batch: one forward pass."""
+        """(predicted index, softmax confidence, score) for a [0, 1] batch: one forward pass.
+
+        A detector that scores the forward pass's tensors where they are
+        (:meth:`~csgguard.detectors.base.Detector.score_signals`) is scored on the device and
+        the three columns come back in one copy; any other goes through host features.
+        """
         model = self.loaded.model
         out = model.forward_signals(x.to(self.device, non_blocking=True))
+        prob = torch.softmax(out.logits.float(), 1).max(1)
+        direct = None if self.detector.needs_inputs else self.detector.score_signals(out.logits, out.pooled, out.taps)
+        if direct is not None:
+            # float64 holds every class index exactly; one device -> host copy per batch
+            block = torch.stack([prob.indices.double(), prob.values.double(), direct.double()]).cpu().numpy()
+            return block[0].astype(np.int64), block[1].astype(np.float32), block[2]
         feats = features_from_outputs(model, out.logits, out.pooled, out.taps)
         inputs = x if self.detector.needs_inputs else None
         scores = self.detector.score_samples(feats, inputs=inputs)
-        prob = torch.softmax(out.logits.float(), 1).max(1)
         return prob.indices.cpu().numpy(), prob.values.cpu().numpy(), scores
 
     def rows(self, files: Sequence[str | tuple[str, str | None]], *, batch_size: int = 64, workers: int = 0,

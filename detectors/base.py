@@ -132,6 +132,18 @@ class Detector(BaseEstimator):
         self._check_fitted()
         return np.asarray(self._score(features, inputs=inputs), dtype=np.float64)
 
+    def score_signals(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor | None:
+        """The score straight from one forward pass's tensors, on their device, or ``None``.
+
+        Screening on a GPU pays for every host round trip: :class:`Features` are host
+        arrays, so scoring through them copies each signal back and waits for it. A
+        single-pass detector whose score is a torch function of the signals overrides this to
+        give the very number :meth:`score_samples` gives (same function, same dtype), and the
+        screener then copies one (N, 3) block back per batch. ``None`` (the default): use
+        :meth:`score_samples`.
+        """
+        return None
+
     def decision_function(self, features: Features, *, inputs=None) -> np.ndarray:
         if not hasattr(self, "threshold_"):
             raise NotFittedError(f"detector {self.name!r} is not calibrated (call calibrate)")

@@ -216,6 +216,16 @@ class GateCleanDetector(_GateProfile, Detector):
         self._check_fitted()
         return S.score(self._tensors(logits.device, dtype), self.components_, self.combine, logits, pooled, taps)
 
+    def score_signals(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor:
+        self._check_fitted()
+        c_num, k_num = self.arrays_["means_"].shape
+        if pooled.shape[1] != k_num or logits.shape[1] != c_num:
+            raise CsgguardError(f"features have K={pooled.shape[1]}, C={logits.shape[1]} but the detector was "
+                                f"fitted for K={k_num}, C={c_num} (another model?)")
+        dt = S.SCREEN_DTYPE
+        return self.torch_score(logits.float().to(dt), pooled.float().to(dt), tuple(t.float().to(dt) for t in taps),
+                                dtype=dt)
+
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return self._profile_state()
 

@@ -197,3 +197,37 @@ def test_shards_partition_the_list_on_batch_boundaries(n_files, n_shards, batch_
     assert sum(parts, []) == files  # nothing lost, nothing duplicated, order kept
     starts = [len(sum(parts[:i], [])) for i in range(n_shards)]
     assert all(s % batch_size == 0 for s in starts)  # every shard starts on a batch boundary
+
+
+def test_device_scoring_equals_host_features(fitted_run, digits_std_run, tmp_path):
+    """The screener's one-copy path (``Detector.score_signals``) gives score_samples' numbers exactly;
+    a detector without one (mahalanobis) still goes through host features."""
+    from csgguard.detectors import build_detector
+    from csgguard.detectors.store import save_detector
+    from csgguard.features import extract_features, features_from_outputs
+    from csgguard.screening import Screener
+
+    x = load_dataset("digits").test.x()[:97]
+    screener = Screener(fitted_run, device="cpu")
+    net = screener.loaded.model.eval()
+    with torch.no_grad():
+        out = net.forward_signals(x)
+        direct = screener.detector.score_signals(out.logits, out.pooled, out.taps)
+        host = screener.detector.score_samples(features_from_outputs(net, out.logits, out.pooled, out.taps))
+    assert direct is not None and direct.dtype == torch.float32
+    pred, conf, score = screener.score_batch(x)
+    assert np.array_equal(score, host) and np.array_equal(direct.double().numpy(), host)
+    probs = torch.softmax(out.logits.float(), 1)
+    assert np.array_equal(pred, probs.argmax(1).numpy()) and np.array_equal(conf, probs.max(1).values.numpy())
+    assert pred.dtype == np.int64 and conf.dtype == np.float32
+
+    ds = load_dataset("digits")
+    loaded = load_model(fitted_run)
+    maha = build_detector("mahalanobis").fit(extract_features(loaded.model, ds.train.x()))
+    maha.calibrate(extract_features(loaded.model, ds.val.x()))
+    assert maha.score_signals(out.logits, out.pooled, out.taps) is None
+    path = tmp_path / "maha.json"
+    save_detector(maha, path, model_sha256=loaded.sha256)
+    pred2, _, score2 = Screener(fitted_run, detector=path, device="cpu").score_batch(x)
+    assert np.array_equal(pred2, pred)
+    assert np.allclose(score2, maha.score_samples(extract_features(loaded.model, x)), rtol=1e-6, atol=1e-9)
