@@ -18,6 +18,15 @@ The noise is a fixed bank of ``copies`` Gaussian images drawn from ``seed`` (the
 shape), so an image's score does not depend on its batch, its order or the machine's random
 state, and a refit draws the same bank.
 
+Two-sided (``sides="two"``). The score's clean distribution has a low tail too: an input
+pushed far past a boundary (a large single step, a confident minimisation attack) sits where
+noise moves nothing, more stable than clean images of its class (on digits C&W scores *below*
+clean images). ``sides="two"`` turns the one-sided score r into
+``max((r - m_y) / u_y, (m_y - r) / l_y)``: m_y the median of r over the clean fit images of
+predicted class y, u_y and l_y the distances from it to their 97.5th and 2.5th percentiles (the
+pooled figures for a class with fewer than ``_MIN_CLASS_ROWS`` fit images), so both tails
+count, each in its own clean units.
+
 Cost: ``copies`` extra forward passes per image (8 by default: 9x one forward pass; measured
 by ``benchmarks/detector_cost.py``). An option for natural images, alone or as a ``union``
 part; not the default.
@@ -36,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..errors import CsgguardError
 from ..features import Features
@@ -44,6 +53,10 @@ from .base import Detector
 
 #: float64 floor on a per-(class, class) spread, so a pair every clean image answers alike cannot divide by 0
 _MIN_SPREAD = 1e-6
+#: fit images of one predicted class below which the two-sided units are the pooled ones
+_MIN_CLASS_ROWS = 40
+#: the clean quantiles whose distance from the median is a two-sided score's unit, low and high
+_TAILS = (0.025, 0.975)
 
 
 def noise_bank(shape: tuple[int, ...], copies: int, seed: int) -> torch.Tensor:
@@ -70,6 +83,9 @@ class NoiseResponseDetector(Detector):
         Seed of the fixed noise bank.
     batch_size : int
         Noisy copies per forward batch (``batch_size // copies`` images at a time, at least one).
+    sides : {"one", "two"}
+        ``one``: large responses alone are atypical (Roth et al.); ``two``: unusually small ones
+        too, each side in units of its own clean tail (module docstring).
     fpr : float
         Target clean false-positive rate of the calibrated threshold.
     """
@@ -83,15 +99,17 @@ class NoiseResponseDetector(Detector):
         "copies": [Interval(Integral, 1, None, closed="left")],
         "seed": [Interval(Integral, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "sides": [StrOptions({"one", "two"})],
     }
 
     def __init__(self, *, sigma: float = 4 / 255, copies: int = 8, seed: int = 0, batch_size: int = 256,
-                 fpr: float = 0.05) -> None:
+                 sides: str = "one", fpr: float = 0.05) -> None:
         super().__init__(fpr=fpr)
         self.sigma = sigma
         self.copies = copies
         self.seed = seed
         self.batch_size = batch_size
+        self.sides = sides
 
     def _bank(self, shape: tuple[int, ...], device) -> torch.Tensor:
         """The fixed bank, scaled by ``sigma``, cached per image shape and device."""
@@ -139,6 +157,14 @@ class NoiseResponseDetector(Detector):
         memory, not ``batch_size``."""
         model = self._bound_model(inputs, self.name)
         d, y = self._gap_response(model, inputs, logits)
+        r = self._one_sided(d, y)
+        if self.sides == "one":
+            return r
+        center, upper, lower = (torch.as_tensor(a, device=r.device)[y] for a in (self.center_, self.upper_, self.lower_))
+        return torch.maximum((r - center) / upper, (center - r) / lower)
+
+    def _one_sided(self, d: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(N,) the largest standardised response over z != y: Roth et al.'s statistic."""
         mean = torch.as_tensor(self.mean_, device=d.device)[y]
         spread = torch.as_tensor(self.spread_, device=d.device)[y]
         t = (d - mean) / spread
@@ -159,6 +185,9 @@ class NoiseResponseDetector(Detector):
         self.mean_, self.spread_ = mean, spread
         self.class_counts_ = np.bincount(pred, minlength=k).astype(np.int64)
         self.num_classes_ = k
+        if self.sides == "two":
+            r = self._one_sided(torch.from_numpy(d), torch.from_numpy(pred)).numpy()
+            self.center_, self.upper_, self.lower_ = _tail_units(r, pred, k)
 
     @torch.no_grad()
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:
@@ -166,8 +195,10 @@ class NoiseResponseDetector(Detector):
         return np.concatenate(out) if out else np.zeros(0)
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        return ({"mean_": self.mean_, "spread_": self.spread_, "class_counts_": self.class_counts_},
-                {"num_classes_": int(self.num_classes_)})
+        arrays = {"mean_": self.mean_, "spread_": self.spread_, "class_counts_": self.class_counts_}
+        if self.sides == "two":
+            arrays.update(center_=self.center_, upper_=self.upper_, lower_=self.lower_)
+        return arrays, {"num_classes_": int(self.num_classes_)}
 
     def _load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         mean = np.asarray(arrays.get("mean_", np.zeros(0)), dtype=np.float64)
@@ -178,3 +209,23 @@ class NoiseResponseDetector(Detector):
             raise CsgguardError("noise-response state holds no valid (class x class) means and spreads")
         self.mean_, self.spread_, self.num_classes_ = mean, spread, k
         self.class_counts_ = np.asarray(arrays.get("class_counts_", np.zeros(k)), dtype=np.int64)
+        if self.sides == "two":
+            units = [np.asarray(arrays.get(n, np.zeros(0)), dtype=np.float64) for n in ("center_", "upper_", "lower_")]
+            if (any(u.shape != (k,) or not np.all(np.isfinite(u)) for u in units)
+                    or np.any(units[1] <= 0) or np.any(units[2] <= 0)):
+                raise CsgguardError("two-sided noise-response state holds no valid per-class centre and tail units")
+            self.center_, self.upper_, self.lower_ = units
+
+
+def _tail_units(r: np.ndarray, pred: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per predicted class: the median of the clean one-sided scores ``r`` and its distances to the
+    two ``_TAILS`` quantiles; a class with fewer than ``_MIN_CLASS_ROWS`` rows takes the pooled ones."""
+    def units(v: np.ndarray) -> tuple[float, float, float]:
+        lo, mid, hi = np.quantile(v, [_TAILS[0], 0.5, _TAILS[1]])
+        return float(mid), max(float(hi - mid), _MIN_SPREAD), max(float(mid - lo), _MIN_SPREAD)
+
+    finite = np.isfinite(r)
+    pooled = units(r[finite]) if finite.any() else (0.0, 1.0, 1.0)
+    out = np.array([units(r[finite & (pred == c)]) if np.sum(finite & (pred == c)) >= _MIN_CLASS_ROWS else pooled
+                    for c in range(k)])
+    return out[:, 0].copy(), out[:, 1].copy(), out[:, 2].copy()

@@ -199,3 +199,40 @@ def test_cli_attack_adaptive_against_a_saved_noise_response_detector(digits_csg_
     adv = load_adversarial_set(out)
     assert adv.meta["target_detector"] == "noise-response"
     assert adv.meta["succeeded"] >= 20 and adv.meta["evaded"] >= 0.5 * adv.meta["succeeded"], adv.meta
+
+
+def test_two_sided_score_counts_both_tails_in_clean_units(digits, tmp_path):
+    """``sides="two"``: the one-sided score r mapped to max((r - m_y) / u_y, (m_y - r) / l_y) with the clean
+    fit images' per-class median and tail distances (recomputed here with numpy); an input that noise
+    moves less than any clean image scores high; the file keeps the units; a damaged unit is refused."""
+    loaded, _, x, f = digits
+    one = build_detector("noise-response", sigma=0.1, copies=4).bind_model(loaded.model).fit(f["fit"], inputs=x["fit"])
+    two = build_detector("noise-response", sigma=0.1, copies=4, sides="two").bind_model(loaded.model)
+    two.fit(f["fit"], inputs=x["fit"])
+    np.testing.assert_array_equal(two.mean_, one.mean_)
+    r_fit = one.score_samples(f["fit"], inputs=x["fit"])
+    pred = np.asarray(f["fit"].pred)
+    for c in range(10):
+        rows = r_fit[pred == c] if np.sum(pred == c) >= 40 else r_fit
+        lo, mid, hi = np.quantile(rows, [0.025, 0.5, 0.975])
+        np.testing.assert_allclose([two.center_[c], two.upper_[c], two.lower_[c]], [mid, hi - mid, mid - lo],
+                                   rtol=1e-6, atol=1e-9)
+    r = one.score_samples(f["test"], inputs=x["test"])
+    y = np.asarray(f["test"].pred)
+    expect = np.maximum((r - two.center_[y]) / two.upper_[y], (two.center_[y] - r) / two.lower_[y])
+    got = two.score_samples(f["test"], inputs=x["test"])
+    np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-9)
+    low = np.argmin(r - two.center_[y])  # the test image noise moves least, relative to its class
+    assert r[low] < two.center_[y[low]] and got[low] > 0
+    two.calibrate(f["val"], inputs=x["val"])
+    path = save_detector(two, tmp_path / "two.json", model_sha256=loaded.sha256)
+    back = load_detector(path, model_sha256=loaded.sha256)
+    assert back.sides == "two"
+    back.bind_model(loaded.model)
+    np.testing.assert_allclose(back.score_samples(f["test"], inputs=x["test"]), got, rtol=1e-9)
+    arrays, extra = two.state()
+    bad = dict(arrays, lower_=np.zeros(10))
+    with pytest.raises(CsgguardError, match="two-sided"):
+        type(two).from_state(two.get_params(), bad, extra)
+    with pytest.raises(Exception, match="sides"):
+        build_detector("noise-response", sides="three").bind_model(loaded.model).fit(f["fit"], inputs=x["fit"])
