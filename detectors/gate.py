@@ -90,9 +90,13 @@ class _GateProfile:
         return cache[key]
 
     def _check_features(self, f: Features) -> None:
+        self._check_shape(f.num_filters, f.num_classes)
+
+    def _check_shape(self, k: int, c: int) -> None:
+        """The features' K filters and C classes are the fitted ones (not another model's)."""
         c_num, k_num = self.arrays_["means_"].shape
-        if f.num_filters != k_num or f.num_classes != c_num:
-            raise CsgguardError(f"features have K={f.num_filters}, C={f.num_classes} but the detector was fitted "
+        if k != k_num or c != c_num:
+            raise CsgguardError(f"features have K={k}, C={c} but the detector was fitted "
                                 f"for K={k_num}, C={c_num} (another model?)")
 
     def statistics(self, features: Features) -> dict[str, np.ndarray]:
@@ -218,13 +222,9 @@ class GateCleanDetector(_GateProfile, Detector):
 
     def score_signals(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor:
         self._check_fitted()
-        c_num, k_num = self.arrays_["means_"].shape
-        if pooled.shape[1] != k_num or logits.shape[1] != c_num:
-            raise CsgguardError(f"features have K={pooled.shape[1]}, C={logits.shape[1]} but the detector was "
-                                f"fitted for K={k_num}, C={c_num} (another model?)")
+        self._check_shape(pooled.shape[1], logits.shape[1])
         dt = S.SCREEN_DTYPE
-        return self.torch_score(logits.float().to(dt), pooled.float().to(dt), tuple(t.float().to(dt) for t in taps),
-                                dtype=dt)
+        return self.torch_score(logits.to(dt), pooled.to(dt), tuple(t.to(dt) for t in taps), dtype=dt)
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return self._profile_state()
