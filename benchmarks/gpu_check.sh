@@ -14,6 +14,12 @@
 #                          as wheels (the GPU image has torch, sklearn, click, rich ...)
 #   .data/cifar10-jpeg/    train.tar.gz + test.tar.gz (the shared JPEG q75 copy)
 # Whole run budget: about 8 minutes on an H100; every step has its own timeout.
+#
+# RESUME=FOLDER instead continues one checkpointed run (e.g. a CPU run under benchmarks/cpu-runs/)
+# on the GPU: the speed figures first, then `csgguard train --resume` until DEADLINE seconds after
+# the start (default 540); the run folder comes back as resumed_run.tar, finished (model.safetensors,
+# summary.json) or with its checkpoint at the last whole epoch, for the CPU to finish with --resume.
+# A second RESUME call on a machine still warm from the first goes on from the first one's checkpoint.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -27,6 +33,8 @@ VARIANTS=${VARIANTS:-}
 TRAIN_EXTRA=${TRAIN_EXTRA:-}    # e.g. "--train-limit 500" (EPOCHS=2 for a dry run)
 SPEED_EXTRA=${SPEED_EXTRA:-}    # e.g. "--quick"
 RUNS=/tmp/runs
+RESUME=${RESUME:-}
+DEADLINE=${DEADLINE:-540}
 start=$(date +%s)
 
 # 1. dependencies the image lacks, and csgguard itself (attacks/ and detectors/ are
@@ -48,6 +56,42 @@ export PYTHONPATH=/tmp/pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   # decode the JPEG tarballs once into the cache, so the two trainings below only read it
   $PY -P -c "from csgguard import load_dataset; d = load_dataset('cifar10', '$DATA'); print('cifar10', len(d.train), len(d.val), len(d.test))"
 } 2>&1 | tee "$OUT/gpu.txt"
+
+speed() {
+  timeout 100 $PY benchmarks/speed.py --device "$DEVICE" --data cifar10 --data-root "$DATA" $SPEED_EXTRA \
+    --json "$OUT/speed_cuda_cifar10.json" > "$OUT/speed_cuda_cifar10.log" 2>&1
+  echo "speed cifar10 rc=$? after $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+}
+
+if [ -n "$RESUME" ]; then
+  [ -f "$RESUME/checkpoint.safetensors" ] || { echo "$RESUME: no checkpoint.safetensors to resume" | tee -a "$OUT/gpu.txt"; exit 1; }
+  [ -n "${SKIP_SPEED:-}" ] || speed
+  name=$(basename "$RESUME")
+  epochs_in() {  # how many epochs a checkpoint holds (0 if none)
+    $PY -c "import json, sys; from safetensors import safe_open
+try: m = json.loads(json.loads(safe_open(sys.argv[1], 'pt').metadata()['csgguard'])['checkpoint']); print(len(m['history']))
+except Exception: print(0)" "$1/checkpoint.safetensors"
+  }
+  # a second call on a still-warm machine goes on from where the first one stopped
+  if [ "$(epochs_in "$RUNS/$name")" -le "$(epochs_in "$RESUME")" ]; then
+    mkdir -p $RUNS && rm -rf "$RUNS/$name" && cp -r "$RESUME" "$RUNS/$name"
+  fi
+  rm -f "$RUNS/$name/.csgguard.lock"
+  left=$(( DEADLINE - ($(date +%s) - start) ))
+  echo "resuming $name at epoch $(epochs_in "$RUNS/$name") for at most $left s" | tee -a "$OUT/gpu.txt"
+  # the newest checkpoint is copied into $OUT as it comes, so it returns even if the call is cut short
+  ( while sleep 10; do cp "$RUNS/$name/checkpoint.safetensors" "$OUT/ckpt.partial" 2>/dev/null \
+      && mv "$OUT/ckpt.partial" "$OUT/checkpoint.safetensors"; done ) &
+  watcher=$!
+  # the run's own settings come from its checkpoint; only where it trains changes
+  timeout $left $PY -P -m csgguard train --resume --out "$RUNS/$name" --data-root "$DATA" --device "$DEVICE" \
+    --format json --no-progress > "$RUNS/train_$name.json" 2> "$RUNS/train_$name.log"
+  echo "$name rc=$? after $(( $(date +%s) - start )) s, at epoch $(epochs_in "$RUNS/$name") (124: stopped at the deadline, checkpoint kept)" | tee -a "$OUT/gpu.txt"
+  kill $watcher 2>/dev/null; wait $watcher 2>/dev/null; rm -f "$OUT/ckpt.partial"
+  rm -f "$RUNS/$name/.csgguard.lock" "$RUNS/$name"/.*.tmp
+  tar -C $RUNS -cf "$OUT/resumed_run.tar" "$name" "train_$name.json" "train_$name.log" 2>&1 | tee -a "$OUT/gpu.txt"
+  exit 0
+fi
 
 # 2. the shipped recipe, CSG and STD side by side (one small network leaves the GPU mostly idle),
 #    and the VARIANTS beside them
@@ -73,6 +117,4 @@ tar -C $RUNS -cf "$OUT/cifar_runs.tar" . 2>&1 | tee -a "$OUT/gpu.txt"
 
 # 3. speed figures on CUDA (CIFAR-10 ResNet-20); SKIP_SPEED=1 leaves them out (a second, shorter call)
 [ -n "${SKIP_SPEED:-}" ] && exit 0
-timeout 100 $PY benchmarks/speed.py --device "$DEVICE" --data cifar10 --data-root "$DATA" $SPEED_EXTRA \
-  --json "$OUT/speed_cuda_cifar10.json" > "$OUT/speed_cuda_cifar10.log" 2>&1
-echo "speed cifar10 rc=$? after $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+speed

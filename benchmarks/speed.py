@@ -185,10 +185,18 @@ def bench_screening(run_dir: Path, x: torch.Tensor, device: torch.device, tmp: P
     bh, _ = timed(bare_to_host, device, args.repeat)
     s, _ = timed(scored, device, args.repeat)
     e, count = timed(end_to_end, device, args.repeat)
-    return {"screen_images": n, "bare_forward_img_s": n / b, "model_plus_detector_img_s": n / s,
-            "detector_overhead": s / b,
-            "bare_to_host_img_s": n / bh, "detector_overhead_vs_bare_to_host": s / bh, "end_to_end_img_s": count / e, "end_to_end_vs_bare": e / b,
-            "screen_workers": args.workers}
+    res = {"screen_images": n, "screen_batch": bs, "bare_forward_img_s": n / b, "model_plus_detector_img_s": n / s,
+           "detector_overhead": s / b,
+           "bare_to_host_img_s": n / bh, "detector_overhead_vs_bare_to_host": s / bh,
+           "end_to_end_img_s": count / e, "end_to_end_vs_bare": e / b, "screen_workers": args.workers}
+    # the same overhead at larger batches: on a GPU a ResNet-20 batch of 256 is launch-bound, so a fixed
+    # per-batch cost (kernel launches, one device -> host copy) weighs less as the batch grows
+    for bs in args.more_screen_batches:
+        bare()
+        b, _ = timed(bare, device, args.repeat)
+        s, _ = timed(scored, device, args.repeat)
+        res[f"detector_overhead_batch{bs}"] = s / b
+    return res
 
 
 # ----------------------------------------------------------------------------- main
@@ -206,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--pgd-steps", type=int, default=None)
     p.add_argument("--attack-batch", type=int, default=256)
     p.add_argument("--screen-batch", type=int, default=256)
+    p.add_argument("--more-screen-batches", default="1024",
+                   help="comma list of further batch sizes for the detector overhead alone ('' for none)")
     p.add_argument("--workers", type=int, default=0, help="image decode workers for end-to-end screening")
     p.add_argument("--repeat", type=int, default=None, help="repeats per timed call (median)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: attack,detector,screening")
@@ -216,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.repeat = args.repeat or (1 if quick else 3)
     args.pgd_steps = args.pgd_steps or (10 if quick else 40)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.more_screen_batches = [int(b) for b in args.more_screen_batches.split(",") if b.strip()]
 
     device = select_device(args.device)
     t0 = time.perf_counter()

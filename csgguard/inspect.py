@@ -19,8 +19,12 @@ def filters_per_class(gate: np.ndarray, classes: list[str], threshold: float = 0
 
 
 def inspect_run(run_dir: str | Path, *, data_root: str | None = None, split: str = "test",
-                heatmap: Path | None = None) -> dict[str, Any]:
+                heatmap: Path | None = None, device: str = "auto") -> dict[str, Any]:
+    from .devices import select_device
+
+    where = select_device(device)  # an absent accelerator is an error before anything is read
     loaded = load_model(run_dir)
+    loaded.model.to(where)  # the one forward pass over the split runs where the user says
     ds = load_run_dataset(loaded, data_root=data_root)
     ev = evaluate_model(loaded, ds, split)
     classes = loaded.classes

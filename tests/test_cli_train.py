@@ -31,7 +31,7 @@ def test_train_and_inspect_json(runner, tmp_path):
     summary = json.loads(r.stdout)
     for key in ("test_accuracy", "gate_density", "mis", "epochs", "seconds"):
         assert key in summary
-    r = runner.invoke(main, ["inspect", "--run", str(out), "--format", "json"])
+    r = runner.invoke(main, ["inspect", "--run", str(out), "--device", "cpu", "--format", "json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert set(report["filters_per_class"]) == {str(i) for i in range(10)}
@@ -43,6 +43,7 @@ def test_train_and_inspect_json(runner, tmp_path):
     (["train", "--data", "mnist", "--data-root", "/nonexistent/mnist"], "/nonexistent/mnist"),
     (["train", "--device", "cuda"], "CUDA is not available"),
     (["inspect", "--run", "/nonexistent/run"], "run directory not found"),
+    (["inspect", "--run", "/nonexistent/run", "--device", "cuda"], "CUDA is not available"),
 ])
 def test_bad_input_is_one_clear_line(runner, args, needle, monkeypatch):
     import torch

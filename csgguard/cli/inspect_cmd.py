@@ -8,7 +8,7 @@ import click
 
 from ..progress import log
 from . import main
-from .common import emit_mapping, emit_rows, format_option, run_option
+from .common import device_option, emit_mapping, emit_rows, format_option, run_option
 
 
 @main.command("inspect")
@@ -18,8 +18,9 @@ from .common import emit_mapping, emit_rows, format_option, run_option
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
 @click.option("--heatmap", type=click.Path(dir_okay=False), default=None,
               help="Where to write the gate heatmap PNG (default RUN/gate_heatmap.png).")
+@device_option
 @format_option(("table", "json"))
-def inspect_command(run_dir, data_root, split, heatmap, fmt):
+def inspect_command(run_dir, data_root, split, heatmap, device, fmt):
     """Show how class-specific a trained model's filters are.
 
     Reports accuracy, the gate's L1-density, the mutual-information score (MIS) on
@@ -33,7 +34,7 @@ def inspect_command(run_dir, data_root, split, heatmap, fmt):
     if heatmap:
         check_output_file(heatmap, "--heatmap")
     report = inspect_run(run_dir, data_root=data_root, split=split,
-                         heatmap=Path(heatmap) if heatmap else None)
+                         heatmap=Path(heatmap) if heatmap else None, device=device)
     if report.get("heatmap"):
         log(f"gate heatmap: {report['heatmap']}")
     if fmt == "json":
