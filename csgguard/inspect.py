@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import evaluate_model
+from .metrics import split_features, split_metrics
 from .models.store import load_model
 from .report import write_heatmap
 from .runs import load_run_dataset
@@ -26,7 +26,8 @@ def inspect_run(run_dir: str | Path, *, data_root: str | None = None, split: str
     loaded = load_model(run_dir)
     loaded.model.to(where)  # the one forward pass over the split runs where the user says
     ds = load_run_dataset(loaded, data_root=data_root)
-    ev = evaluate_model(loaded, ds, split)
+    feats, labels, ds, split = split_features(loaded, ds, split)  # the one forward pass
+    ev = split_metrics(loaded, feats, labels, ds, split)
     classes = loaded.classes
     model = loaded.model
     report: dict[str, Any] = {"run": str(run_dir), "arch": loaded.config.arch, "gated": model.has_gate,
@@ -39,11 +40,7 @@ def inspect_run(run_dir: str | Path, *, data_root: str | None = None, split: str
         report["heatmap"] = str(write_heatmap(gate, classes, path, f"CSG gate ({loaded.config.arch}, "
                                               f"density {ev['gate_density']:.3f})"))
     else:
-        from .features import extract_features
-
-        s = ds.split(split)
-        feats = extract_features(model, s.x())
-        means = np.stack([feats.pooled[s.labels.numpy() == c].mean(0) for c in range(len(classes))], 1)
+        means = np.stack([feats.pooled[labels == c].mean(0) for c in range(len(classes))], 1)
         owner = means.argmax(1)
         report["filters_per_class"] = {c: [int(k) for k in np.flatnonzero(owner == j)] for j, c in enumerate(classes)}
         report["heatmap"] = None
