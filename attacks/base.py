@@ -52,6 +52,13 @@ class AttackSpec:
         """The configured foolbox attack object."""
         raise NotImplementedError
 
+    def for_data(self, dataset: str | None, shape: tuple[int, ...]) -> None:
+        """Fix settings whose defaults depend on the images (C&W's presets), before :meth:`foolbox_attack`."""
+
+    def effective_params(self) -> dict[str, Any]:
+        """The settings the attack ran with, defaults resolved: what an adversarial set records."""
+        return self.get_params()
+
     def resolve_eps(self, eps: float | None, *, dataset: str | None = None,
                     shape: tuple[int, ...] | None = None) -> float | None:
         """The budget to use: given, or the dataset default; None for minimisation attacks."""
@@ -107,6 +114,7 @@ class AttackSpec:
         was_training = model.training
         model.eval()
         fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=dev)
+        self.for_data(dataset, tuple(x.shape))
         attack = self.foolbox_attack()
         start = time.perf_counter()
         try:
@@ -163,7 +171,7 @@ class AttackSpec:
         attacked = int(advset.attacked.sum())
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "attack": self.name, "norm": self.norm, "eps": eps, "settings": self.get_params(),
+            "attack": self.name, "norm": self.norm, "eps": eps, "settings": self.effective_params(),
             "seed": seed, "batch_size": batch_size, "device": str(device), "model_sha256": model_sha256,
             "total": len(advset), "attacked": attacked, "succeeded": int(ok.sum()),
             "success_rate": advset.success_rate,

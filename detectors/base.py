@@ -31,7 +31,7 @@ input batch explicitly through ``bind_model`` and the ``inputs=`` keyword.
 from __future__ import annotations
 
 from numbers import Real
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -40,6 +40,9 @@ from sklearn.utils._param_validation import Interval, InvalidParameterError
 from ..errors import CsgguardError
 from ..features import Features
 from ..metrics import check_calibration_size, threshold_at_fpr
+
+if TYPE_CHECKING:  # annotations only: the detectors' numpy path never needs torch imported here
+    import torch
 
 
 class NotFittedError(CsgguardError):

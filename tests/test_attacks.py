@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from csgguard import CsgguardError, load_dataset, load_model
 from csgguard.attacks import (
     ATTACKS,
+    CW_PRESETS,
     AdversarialSet,
     attack_run_split,
     load_adversarial_set,
@@ -103,6 +104,27 @@ def test_pgd_beats_fgsm_at_same_eps(sets):
 def test_cw_fast_preset_succeeds(sets):
     assert sets["cw"].meta["success_rate"] >= 0.95
     assert sets["cw"].meta["settings"]["preset"] == "fast"
+    # the set records the values the attack ran with, not the unresolved None of "use the preset"
+    assert sets["cw"].meta["settings"]["family"] == "digits"
+    assert sets["cw"].meta["settings"]["steps"] == CW_PRESETS["fast"]["digits"]["steps"]
+
+
+def test_cw_presets_follow_the_image_family():
+    # one Adam step moves every pixel by about `stepsize`, so the preset is chosen per image family
+    spec = make_attack("cw")
+    assert spec.settings() == {k: CW_PRESETS["fast"]["digits"][k] for k in spec.settings()}
+    spec.for_data(None, (4, 3, 32, 32))  # an unnamed colour data set is read as the natural-image family
+    assert spec.settings()["stepsize"] == CW_PRESETS["fast"]["cifar10"]["stepsize"]
+    assert CW_PRESETS["fast"]["cifar10"]["stepsize"] < CW_PRESETS["fast"]["digits"]["stepsize"]
+    spec.for_data("mnist", (4, 1, 28, 28))
+    assert spec.settings()["initial_const"] == CW_PRESETS["fast"]["mnist"]["initial_const"]
+    given = make_attack("cw", preset="thorough", stepsize=0.2)  # an explicit setting beats every family's
+    given.for_data("cifar10", (4, 3, 32, 32))
+    assert given.settings()["stepsize"] == 0.2
+    assert given.settings()["steps"] == CW_PRESETS["thorough"]["cifar10"]["steps"]
+    assert given.get_params()["steps"] is None  # the constructor keeps what it was given
+    with pytest.raises(CsgguardError, match="stepsize"):
+        make_attack("cw", stepsize=-1.0)
 
 
 def test_misclassified_inputs_are_not_attacked(loaded, xy):

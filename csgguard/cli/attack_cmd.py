@@ -32,7 +32,8 @@ METHODS = ("fgsm", "bim", "pgd", "cw", "deepfool", "adaptive", "adaptive-FORM")
 @click.option("--steps", type=POSITIVE_INT, default=None, help="Iterations (bim 10, pgd 40, deepfool 50, cw per preset).")
 @click.option("--restarts", type=POSITIVE_INT, default=None, help="pgd: tries per input in all; inputs still not adversarial get a fresh random start (default 1).")
 @click.option("--preset", type=click.Choice(["fast", "thorough"]), default=None,
-              help="cw: fast (3 x 25 steps, default) or thorough (6 x 150 steps).")
+              help="cw: fast (3 searches x 25-50 steps, default) or thorough (6 x 150 steps); the step size and "
+                   "constant follow the image family (docs/attacks.md), recorded in the set's sidecar.")
 @run_option
 @click.option("--data-root", type=click.Path(), default=None,
               help="Dataset root (default: the one the model was trained on).")
