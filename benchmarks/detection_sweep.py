@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="pgd/bim steps (default: the attacks' own)")
     ap.add_argument("--cw-preset", default=None, help="fast | thorough")
+    ap.add_argument("--cw-confidence", type=float, default=None,
+                    help="C&W's confidence margin in logits (default 0: stop just past the boundary)")
     ap.add_argument("--no-adaptive", action="store_true")
     ap.add_argument("--adaptive-steps", type=int, default=40)
     ap.add_argument("--adaptive-targets", default=None,
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"pgd": {"steps": args.steps}, "bim": {"steps": args.steps}}
     if args.cw_preset:
         settings["cw"] = {"preset": args.cw_preset}
+    if args.cw_confidence is not None:
+        settings.setdefault("cw", {})["confidence"] = args.cw_confidence
     try:
         rep = evaluate(args.run, compare_run=args.compare_run, attacks=args.attacks, detectors=args.detectors,
                        fpr=args.fpr, limit=args.limit, seed=args.seed, device=args.device,
