@@ -26,6 +26,7 @@ import resource
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -158,9 +159,9 @@ def bench_screening(run_dir: Path, x: torch.Tensor, device: torch.device, tmp: P
     xd = x.to(device)
 
     @torch.no_grad()
-    def bare():
-        for i in range(0, n, bs):
-            net(xd[i:i + bs])
+    def bare(batch: int = bs):
+        for i in range(0, n, batch):
+            net(xd[i:i + batch])
 
     @torch.no_grad()
     def bare_to_host():
@@ -168,9 +169,9 @@ def bench_screening(run_dir: Path, x: torch.Tensor, device: torch.device, tmp: P
         for i in range(0, n, bs):
             torch.softmax(net(xd[i:i + bs]).float(), 1).max(1).values.cpu()
 
-    def scored():
-        for i in range(0, n, bs):
-            model.score_batch(xd[i:i + bs])
+    def scored(batch: int = bs):
+        for i in range(0, n, batch):
+            model.score_batch(xd[i:i + batch])
 
     folder = tmp / "images"
     _write_images(x, folder)
@@ -191,11 +192,11 @@ def bench_screening(run_dir: Path, x: torch.Tensor, device: torch.device, tmp: P
            "end_to_end_img_s": count / e, "end_to_end_vs_bare": e / b, "screen_workers": args.workers}
     # the same overhead at larger batches: on a GPU a ResNet-20 batch of 256 is launch-bound, so a fixed
     # per-batch cost (kernel launches, one device -> host copy) weighs less as the batch grows
-    for bs in args.more_screen_batches:
-        bare()
-        b, _ = timed(bare, device, args.repeat)
-        s, _ = timed(scored, device, args.repeat)
-        res[f"detector_overhead_batch{bs}"] = s / b
+    for batch in args.more_screen_batches:
+        bare(batch)
+        b, _ = timed(partial(bare, batch), device, args.repeat)
+        s, _ = timed(partial(scored, batch), device, args.repeat)
+        res[f"detector_overhead_batch{batch}"] = s / b
     return res
 
 

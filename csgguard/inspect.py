@@ -26,8 +26,8 @@ def inspect_run(run_dir: str | Path, *, data_root: str | None = None, split: str
     loaded = load_model(run_dir)
     loaded.model.to(where)  # the one forward pass over the split runs where the user says
     ds = load_run_dataset(loaded, data_root=data_root)
-    feats, labels, ds, split = split_features(loaded, ds, split)  # the one forward pass
-    ev = split_metrics(loaded, feats, labels, ds, split)
+    feats, labels = split_features(loaded, ds, split)  # the one forward pass
+    ev = split_metrics(loaded, feats, labels, ds.num_classes, split)
     classes = loaded.classes
     model = loaded.model
     report: dict[str, Any] = {"run": str(run_dir), "arch": loaded.config.arch, "gated": model.has_gate,

@@ -129,33 +129,34 @@ def evaluate_model(loaded, dataset=None, split: str = "test", *, batch_size: int
 
     ``dataset`` defaults to the run's own splits (:func:`csgguard.runs.load_run_dataset`).
     """
-    return split_metrics(loaded, *split_features(loaded, dataset, split, batch_size=batch_size))
+    if dataset is None:
+        from .runs import load_run_dataset
+
+        dataset = load_run_dataset(loaded)
+    feats, labels = split_features(loaded, dataset, split, batch_size=batch_size)
+    return split_metrics(loaded, feats, labels, dataset.num_classes, split)
 
 
-def split_features(loaded, dataset=None, split: str = "test", *, batch_size: int = 1024):
-    """The one forward pass over a split: ``(features, labels, dataset, split)``.
+def split_features(loaded, dataset, split: str = "test", *, batch_size: int = 1024):
+    """The one forward pass over a split: ``(features, labels)``.
 
     Kept apart from :func:`split_metrics` so a caller that needs the features too
     (``inspect`` on a STD model reads the pooled activations) runs the pass once.
     """
     from .features import extract_features
 
-    if dataset is None:
-        from .runs import load_run_dataset
-
-        dataset = load_run_dataset(loaded)
     s = dataset.split(split)
     feats = extract_features(loaded.model, s.x(), batch_size=batch_size).require_finite(str(loaded.run_dir))
-    return feats, s.labels.numpy(), dataset, split
+    return feats, s.labels.numpy()
 
 
-def split_metrics(loaded, feats, labels: np.ndarray, dataset, split: str) -> dict[str, Any]:
+def split_metrics(loaded, feats, labels: np.ndarray, num_classes: int, split: str) -> dict[str, Any]:
     """Accuracy, gate density and MIS from features already extracted (:func:`split_features`)."""
     gate = loaded.model.gate
     return {
         "accuracy": accuracy(feats.logits, labels),
         "gate_density": None if gate is None else float(gate.density()),
-        "mis": mutual_information_score(feats.pooled, labels, dataset.num_classes),
+        "mis": mutual_information_score(feats.pooled, labels, num_classes),
         "split": split,
         "images": len(labels),
     }
