@@ -68,9 +68,7 @@ if [ -n "$RESUME" ]; then
   [ -n "${SKIP_SPEED:-}" ] || speed
   name=$(basename "$RESUME")
   epochs_in() {  # how many epochs a checkpoint holds (0 if none)
-    $PY -c "import json, sys; from safetensors import safe_open
-try: m = json.loads(json.loads(safe_open(sys.argv[1], 'pt').metadata()['csgguard'])['checkpoint']); print(len(m['history']))
-except Exception: print(0)" "$1/checkpoint.safetensors"
+    $PY -c "import sys; from csgguard.train import checkpoint_epochs; print(checkpoint_epochs(sys.argv[1]))" "$1"
   }
   # a second call on a still-warm machine goes on from where the first one stopped
   if [ "$(epochs_in "$RUNS/$name")" -le "$(epochs_in "$RESUME")" ]; then

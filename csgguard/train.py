@@ -551,6 +551,16 @@ def checkpoint_config(out: str | Path, *, data_root: str | None = None, device: 
     return _saved_config(meta["config"], Path(out) / CHECKPOINT_FILE, data_root=data_root, device=device)
 
 
+def checkpoint_epochs(out: str | Path) -> int:
+    """How many whole epochs the checkpoint in ``out`` holds (0 when there is none): where a
+    ``--resume`` would go on from, for scripts that move a run between machines."""
+    try:
+        meta, _ = _read_checkpoint(Path(out))
+    except CsgguardError:
+        return 0
+    return len(meta["history"])
+
+
 def _saved_config(settings: dict[str, Any], where: Path, *, data_root: str | None, device: str) -> TrainConfig:
     """A run's saved settings (checkpoint or model.json) as a config, moved to ``data_root`` / ``device``."""
     try:

@@ -9,7 +9,7 @@ import torch
 
 from csgguard import TrainConfig, load_model, train
 from csgguard.errors import CsgguardError
-from csgguard.train import Trainer, epoch_path
+from csgguard.train import Trainer, checkpoint_epochs, epoch_path
 
 
 def test_csg_digits_run_reaches_accuracy_and_density(digits_csg_run):
@@ -115,6 +115,9 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     assert not (tmp_path / "part" / "model.json").exists()  # no half-finished model
     # issue 11 item 10: the checkpoint is one file (no pair a kill can split); a kill mid-write leaves a .tmp
     assert sorted(p.name for p in (tmp_path / "part").iterdir()) == ["checkpoint.safetensors"]
+    # what a resume would go on from (benchmarks/gpu_check.sh reads it); nothing there reads 0
+    assert checkpoint_epochs(tmp_path / "part") == 3  # stopped in its fourth epoch
+    assert checkpoint_epochs(tmp_path / "nowhere") == 0
     stale = tmp_path / "part" / ".checkpoint.safetensors.k1ll3d.tmp"
     stale.write_bytes(b"half a checkpoint")
     resumed = train(TrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)
