@@ -22,6 +22,14 @@ The statistics of one forward pass (``logits``, ``pooled`` gated-layer activatio
 ``taps-joint`` the same over all taps' channel means at once (one column instead of
              one per tap: where the earlier layers carry nothing, as on natural
              images at small budgets, they add one noise column to a sum, not several).
+``votes``    which class the earlier layers vote for: the log-odds against the predicted
+             class, ``log sum_{c != pred} p(c | taps) / p(pred | taps)``, under Gaussian
+             classes with the taps-joint means and tied covariance (equal priors), i.e.
+             how much nearer another class's clean mean the earlier layers sit than the
+             predicted one's. An input pushed from class y into c keeps y's evidence
+             before the decision: where the earlier layers are not unusual in absolute
+             terms (class means close together, natural images at small budgets) they
+             still lean towards y (docs/detectors.md, "the sixth question").
 ``pattern``  log Mahalanobis distance of the pooled gated-layer activations to the
              predicted class's clean pattern: is this the way class c's filters fire?
              ``covariance="class"`` fits one covariance per class, ``"tied"`` one
@@ -64,7 +72,7 @@ import torch
 from .errors import CsgguardError
 
 #: the component families, in the order a vector of them is laid out (taps expand to tap0, tap1, ...)
-COMPONENTS = ("taps", "taps-joint", "pattern", "mismatch", "margin", "norm")
+COMPONENTS = ("taps", "taps-joint", "votes", "pattern", "mismatch", "margin", "norm")
 #: how ``pattern`` reads the gated layer: one covariance per predicted class, or one tied covariance
 COVARIANCES = ("class", "tied")
 #: components atypical in both directions
@@ -78,6 +86,7 @@ PER_CLASS_MAX_K = 512
 SCREEN_DTYPE = torch.float32
 _EPS = 1e-12
 _MARGIN_FLOOR = 1e-6
+_VOTES_FLOOR = -1e4
 
 
 def parse_choices(value: str | Sequence[str], choices: Sequence[str], param: str, what: str) -> tuple[str, ...]:
@@ -106,7 +115,7 @@ def check_covariance(value: str) -> str:
 
 
 def uses_taps(components: Sequence[str]) -> bool:
-    return "taps" in components or "taps-joint" in components
+    return "taps" in components or "taps-joint" in components or "votes" in components
 
 
 def expand(components: Sequence[str], n_taps: int) -> list[str]:
@@ -144,6 +153,29 @@ def class_quad(r: torch.Tensor, pred: torch.Tensor, precisions: torch.Tensor) ->
     return torch.empty(len(r), dtype=r.dtype, device=r.device).index_put((order,), torch.cat(parts))
 
 
+def layer_vote_logodds(t: torch.Tensor, pred: torch.Tensor, means: torch.Tensor,
+                       precision: torch.Tensor) -> torch.Tensor:
+    """The log-odds against the predicted class, ``log sum_{c != pred} p(c | t) / p(pred | t)``, for
+    Gaussian classes with ``means`` (C, D) and one shared ``precision`` (equal priors); the vote
+    surprise ``-log p(pred | t)`` is its softplus. Very negative when ``t`` sits far nearer the
+    predicted class than any other, near or above 0 when another class explains it as well.
+
+    Only the differences ``d_c - d_pred = |m_c - m_pred|_P^2 - 2 (r P) . (m_c - m_pred)`` enter
+    (``r`` the residual to the predicted mean), never the distances themselves: an input far from
+    every class (large, nearly equal distances) would otherwise lose the answer to cancellation in
+    float32; and the log-odds keep their resolution where ``-log p`` rounds to 0."""
+    r = t - means[pred]                                   # (N, D)
+    rp = r @ precision                                    # (N, D)
+    g = (means @ precision) @ means.t()                   # (C, C): m_a P m_b
+    cross = rp @ means.t()                                # (N, C): r P m_c
+    cross = cross - cross.gather(1, pred[:, None])        # r P (m_c - m_pred)
+    gd = g.diagonal()
+    delta = gd[None, :] - 2 * g[pred] + gd[pred][:, None]  # |m_c - m_pred|_P^2
+    logit = -0.5 * (delta - 2 * cross)                    # log p(c | t) / p(pred | t); 0 at pred
+    own = torch.zeros_like(logit, dtype=torch.bool).scatter_(1, pred[:, None], True)
+    return torch.logsumexp(logit.masked_fill(own, float("-inf")), 1)
+
+
 def component_matrix(arrays: dict[str, torch.Tensor], components: Sequence[str], logits: torch.Tensor,
                      pooled: torch.Tensor, taps: Sequence[torch.Tensor]) -> torch.Tensor:
     """(N, M) raw component values (before standardisation), in the arrays' dtype, differentiable."""
@@ -152,7 +184,7 @@ def component_matrix(arrays: dict[str, torch.Tensor], components: Sequence[str],
     pred = logits.argmax(1)
     cols: list[torch.Tensor] = []
     for c in components:
-        if c in ("taps", "taps-joint"):
+        if c in ("taps", "taps-joint", "votes"):
             n_taps = int(arrays["n_taps"].item())
             if len(taps) < n_taps:
                 raise CsgguardError(f"the detector reads {n_taps} taps but the features carry {len(taps)} "
@@ -164,6 +196,11 @@ def component_matrix(arrays: dict[str, torch.Tensor], components: Sequence[str],
         elif c == "taps-joint":
             r = torch.cat([t.to(dt) for t in taps[:n_taps]], 1) - arrays["tapj_means"][pred]
             cols.append(torch.log(quad(r, arrays["tapj_precision"]) + _EPS))
+        elif c == "votes":
+            # floored only so that a model with one class (no other vote: -inf) gives a finite column
+            odds = layer_vote_logodds(torch.cat([t.to(dt) for t in taps[:n_taps]], 1), pred,
+                                      arrays["tapj_means"], arrays["tapj_precision"])
+            cols.append(odds.clamp_min(_VOTES_FLOOR))
         elif c == "pattern":
             r = pooled - arrays["means_"][pred]
             cols.append(torch.log(class_quad(r, pred, arrays["class_precision_"]) + _EPS))

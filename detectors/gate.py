@@ -69,7 +69,7 @@ class _GateProfile:
             raise CsgguardError("gate='model' needs a CSG model (this model has no gate); use gate='auto' or 'pseudo'")
         comps = self._resolved_components()
         if S.uses_taps(comps) and not clean.taps:
-            raise CsgguardError("components 'taps' / 'taps-joint' need features with earlier-layer taps "
+            raise CsgguardError("components 'taps' / 'taps-joint' / 'votes' need features with earlier-layer taps "
                                 "(extract_features gives them)")
         use_model = clean.gate is not None and self.gate in ("auto", "model")
         self.gate_source_ = "model" if use_model else "pseudo"
@@ -118,7 +118,7 @@ class _GateProfile:
                 "tail_q_", "tail_s_"]
         if "taps" in comps:
             need += [f"tap_{kind}_{i}" for i in range(n_taps) for kind in ("means", "precision")]
-        if "taps-joint" in comps:
+        if "taps-joint" in comps or "votes" in comps:
             need += ["tapj_means", "tapj_precision"]
         missing = [k for k in need if k not in arrays]
         if missing:
@@ -126,7 +126,7 @@ class _GateProfile:
                                 "refit it)")
         c_num, k_num = np.shape(arrays["means_"])
         m = len(S.expand(comps, n_taps))
-        if "taps-joint" in comps and (np.ndim(arrays["tapj_means"]) != 2 or np.shape(arrays["tapj_precision"]) != (
+        if ("taps-joint" in comps or "votes" in comps) and (np.ndim(arrays["tapj_means"]) != 2 or np.shape(arrays["tapj_precision"]) != (
                 np.shape(arrays["tapj_means"])[1],) * 2 or np.shape(arrays["tapj_means"])[0] != c_num):
             raise CsgguardError(f"detector arrays tapj_means / tapj_precision have shapes "
                                 f"{np.shape(arrays['tapj_means'])} / {np.shape(arrays['tapj_precision'])}")
@@ -152,7 +152,7 @@ class GateCleanDetector(_GateProfile, Detector):
     Parameters
     ----------
     components : comma-separated families of :data:`csgguard.scores.COMPONENTS`
-        (``taps``, ``taps-joint``, ``pattern``, ``mismatch``, ``margin``, ``norm``); see
+        (``taps``, ``taps-joint``, ``votes``, ``pattern``, ``mismatch``, ``margin``, ``norm``); see
         :mod:`csgguard.scores`.
     combine : ``max`` (largest clean surprise), ``sum`` (summed surprises, Fisher's method),
         ``zmax`` (largest per-class clean z-score) or ``density`` (Mahalanobis distance of the

@@ -317,3 +317,47 @@ def test_held_out_units_split_calibration_images_and_keep_statistics(tmp_path, c
     np.testing.assert_array_equal(back.score_samples(f["test"]), det.score_samples(f["test"]))
     with pytest.raises(CsgguardError, match="unknown units 'val'"):
         GateCleanDetector(units="val").fit(f["train"])
+
+
+def test_layer_vote_logodds_is_the_gaussian_class_posterior():
+    """``votes``: the log-odds against the predicted class under tied Gaussian classes (its softplus is
+    -log p(pred | taps)), computed from the residual to the predicted mean; checked against the direct
+    formula on coordinates far from the origin."""
+    g = torch.Generator().manual_seed(0)
+    c, d, n = 5, 7, 40
+    means = torch.randn(c, d, generator=g, dtype=torch.float64) + 50.0
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    precision = a @ a.t() / d + torch.eye(d, dtype=torch.float64)
+    t = means[torch.randint(0, c, (n,), generator=g)] + torch.randn(n, d, generator=g, dtype=torch.float64)
+    pred = torch.randint(0, c, (n,), generator=g)
+    r = t[:, None, :] - means[None]                                   # (N, C, D)
+    dist = torch.einsum("ncd,de,nce->nc", r, precision, r)
+    surprise = -torch.log_softmax(-0.5 * dist, 1).gather(1, pred[:, None])[:, 0]
+    got = S.layer_vote_logodds(t, pred, means, precision)
+    torch.testing.assert_close(torch.nn.functional.softplus(got), surprise, rtol=1e-9, atol=1e-9)
+    # the class the layer itself prefers has the lowest odds against it
+    nearest = dist.argmin(1)
+    assert (S.layer_vote_logodds(t, nearest, means, precision) <= got + 1e-12).all()
+    # resolution where -log p rounds to 0 in float32: far from every other class, still finite and ordered
+    far = S.layer_vote_logodds(t.float(), nearest, means.float(), precision.float())
+    assert torch.isfinite(far).all()
+
+
+def test_votes_component_fits_saves_and_scores_in_torch(tmp_path, csg, csg_adv):
+    loaded, ds, f = csg
+    det = GateCleanDetector(components="taps-joint,votes,pattern,margin", covariance="tied").fit(f["train"])
+    det.calibrate(f["val"])
+    assert det.columns_ == ["taps-joint", "votes", "pattern", "margin"]
+    z = det.statistics(f["test"])
+    assert np.isfinite(z["votes"]).all()
+    assert auroc(det.score_samples(f["test"]), det.score_samples(csg_adv["test"])) > 0.9
+    save_detector(det, tmp_path, model_sha256=loaded.sha256)
+    back = load_detector(tmp_path, model_sha256=loaded.sha256)
+    np.testing.assert_array_equal(back.score_samples(f["test"]), det.score_samples(f["test"]))
+    x = ds.test.x()[:50]
+    out = loaded.model.eval().forward_signals(x)
+    np.testing.assert_allclose(det.torch_score(out.logits, out.pooled, out.taps).detach().numpy(),
+                               det.score_samples(extract_features(loaded.model, x)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(CsgguardError, match="taps"):
+        GateCleanDetector(components="votes").fit(Features(f["train"].logits, f["train"].pooled, f["train"].gate,
+                                                           f["train"].fc_weight, f["train"].fc_bias))
