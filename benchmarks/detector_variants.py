@@ -24,7 +24,8 @@ CIFAR-10 (evaluated with ``--test-rows tail``, disjoint from the harness's image
 each cell a candidate's regret is the best candidate's AUROC minus its own; the smallest
 largest regret wins, ties within 0.01 go to the higher mean AUROC, then fewer components.
 ``--json`` saves every cell; ``--summarise A.json B.json ...`` applies the rule over
-several saved grids and prints the ranking. ``--study units`` runs the third question's two
+several saved grids and prints the ranking. ``--study votes`` runs the sixth question's
+candidates (the ``votes`` component); ``--summarise --rule votes`` applies the second rule to them. ``--study units`` runs the third question's two
 candidates (units from the fit images or from held-out ones) and ``--summarise --rule units``
 applies its rule.
 """
@@ -61,6 +62,13 @@ VARIANTS = {
 UNIT_VARIANTS = {
     "default, units fit": ("taps-joint,pattern,margin", "sum", "tied", "fit"),
     "default, units held-out": ("taps-joint,pattern,margin", "sum", "tied", "held-out"),
+}
+#: the sixth question (docs/detectors.md): the layers' class votes as a component; (components, combine, covariance)
+VOTE_VARIANTS = {
+    "taps-joint,pattern,margin sum tied (default)": ("taps-joint,pattern,margin", "sum", "tied"),
+    "taps-joint,votes,pattern,margin sum tied": ("taps-joint,votes,pattern,margin", "sum", "tied"),
+    "votes,pattern,margin sum tied": ("votes,pattern,margin", "sum", "tied"),
+    "taps-joint,votes,pattern,margin max tied": ("taps-joint,votes,pattern,margin", "max", "tied"),
 }
 #: the fourth question (docs/detectors.md): the union's default parts, for natural images at small budgets;
 #: each is (parts, part_params, extra forward passes per image). Candidates have a comma in their parts;
@@ -148,8 +156,8 @@ def study_model(label: str, run: str, args, log) -> list[dict]:
         return study_unions(loaded, label, args, (fit, train.x()[torch.as_tensor(fit_rows)]), (cal, ds.val.x()),
                             (clean, x), adv, log)
     out = []
-    for vname, (components, combine, covariance, *units) in (UNIT_VARIANTS if args.study == "units"
-                                                             else VARIANTS).items():
+    candidates = {"units": UNIT_VARIANTS, "votes": VOTE_VARIANTS}.get(args.study, VARIANTS)
+    for vname, (components, combine, covariance, *units) in candidates.items():
         det = GateCleanDetector(components=components, combine=combine, covariance=covariance,
                                 units=units[0] if units else "fit").fit(fit)
         det.calibrate(cal)
@@ -162,8 +170,10 @@ def study_model(label: str, run: str, args, log) -> list[dict]:
                         "tpr": float(np.mean(s > det.threshold_)) if len(s) else None, "n_adv": len(s),
                         "success_rate": success, "realised_fpr": fpr})
     # per-component AUROC (the ablation: what each statistic sees alone)
-    for covariance in ("tied", "class") if args.study == "variants" else ():
-        comps = "taps,taps-joint,pattern,mismatch,margin,norm" if covariance == "tied" else "pattern"
+    ablation = {"variants": ("tied", "class"), "votes": ("tied",)}.get(args.study, ())
+    for covariance in ablation:
+        comps = ("taps-joint,votes,pattern,margin" if args.study == "votes"
+                 else "taps,taps-joint,pattern,mismatch,margin,norm" if covariance == "tied" else "pattern")
         det = GateCleanDetector(components=comps, covariance=covariance).fit(fit).calibrate(cal)
         z_clean = det.statistics(clean)
         for cname, (fa, _, _) in adv.items():
@@ -333,6 +343,7 @@ def summarise(paths: list[str], rule: str = "regret") -> None:
         for i, (v, a, t, n) in enumerate(apply_rule(rows), 1):
             print(f"| {i} | {v} | {a:.3f} | {t:.2f} | {n} |")
         return
+    # "votes" (the sixth rule) is the second rule over the sixth question's candidates
     ranked = apply_union_rule(rows) if rule == "union" else apply_regret_rule(rows)
     last = "extra forward passes" if rule == "union" else "components"
     print(f"| rank | variant | largest regret | at | mean AUROC | worst AUROC | {last} |")
@@ -365,10 +376,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--only", choices=("CSG", "STD"), default=None,
                    help="study one model of the pair (two processes, one per model, each on its own core)")
     p.add_argument("--json", default=None)
-    p.add_argument("--study", choices=("variants", "units", "union"), default="variants",
+    p.add_argument("--study", choices=("variants", "units", "union", "votes"), default="variants",
                    help="variants: the second choice's candidates and the component ablation; units: the "
                         "third question (the default with fit vs held-out units); union: the fourth "
-                        "(the union's default parts)")
+                        "(the union's default parts); votes: the sixth (the layers' class votes)")
     args = p.parse_args(argv)
 
     def log(msg: str) -> None:
