@@ -166,6 +166,9 @@ def layer_vote_logodds(t: torch.Tensor, pred: torch.Tensor, means: torch.Tensor,
     float32; and the log-odds keep their resolution where ``-log p`` rounds to 0."""
     r = t - means[pred]                                   # (N, D)
     rp = r @ precision                                    # (N, D)
+    # only differences of means enter: centre them first, so that their common offset (channel
+    # means of ReLU maps are all positive) does not cancel in float32
+    means = means - means.mean(0, keepdim=True)
     g = (means @ precision) @ means.t()                   # (C, C): m_a P m_b
     cross = rp @ means.t()                                # (N, C): r P m_c
     cross = cross - cross.gather(1, pred[:, None])        # r P (m_c - m_pred)
