@@ -36,7 +36,7 @@ from csgguard.attacks import load_adversarial_set, save_adversarial_set
 from csgguard.attacks import run as run_attack
 from csgguard.detectors import build_detector
 from csgguard.metrics import auroc
-from csgguard.scores import class_means, shrunk_precision
+from csgguard.scores import class_means, layer_vote_logodds, shrunk_precision
 
 CELLS = (("fgsm@2/255", "fgsm", {"eps": 2 / 255}), ("fgsm@8/255", "fgsm", {"eps": 8 / 255}),
          ("pgd@2/255", "pgd", {"eps": 2 / 255}), ("pgd@4/255", "pgd", {"eps": 4 / 255}),
@@ -49,6 +49,7 @@ class Layer:
     def __init__(self, x: np.ndarray, labels: np.ndarray, num_classes: int, k: int, ref: int):
         self.mu = class_means(x, labels, num_classes)
         prec = shrunk_precision(x - self.mu[labels])
+        self.prec = prec
         w, v = np.linalg.eigh(prec)
         self.white = v * np.sqrt(np.clip(w, 0, None))      # x @ white: whitened coordinates
         rows = np.random.default_rng(0).permutation(len(x))[:ref]
@@ -63,12 +64,11 @@ class Layer:
         return d[np.arange(len(x)), pred] - d.min(1)
 
     def lda_surprise(self, x: np.ndarray, pred: np.ndarray) -> np.ndarray:
-        """-log p(pred | layer) under the layer's tied-covariance Gaussian classes (equal priors)."""
-        z = x @ self.white
-        d = ((z[:, None, :] - self.mu_w[None]) ** 2).sum(-1)
-        logp = -0.5 * d
-        logp = logp - np.logaddexp.reduce(logp, axis=1, keepdims=True)
-        return -logp[np.arange(len(x)), pred]
+        """-log p(pred | layer) under the layer's tied-covariance Gaussian classes (equal priors): the
+        softplus of csg-clean's ``votes`` statistic (csgguard.scores.layer_vote_logodds), not a copy."""
+        odds = layer_vote_logodds(torch.as_tensor(x), torch.as_tensor(pred), torch.as_tensor(self.mu),
+                                  torch.as_tensor(self.prec))
+        return torch.nn.functional.softplus(odds).numpy()
 
     def knn(self, x: np.ndarray, pred: np.ndarray, exclude_self: bool = False) -> np.ndarray:
         z = torch.as_tensor(x @ self.white)

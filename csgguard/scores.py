@@ -186,6 +186,13 @@ def component_matrix(arrays: dict[str, torch.Tensor], components: Sequence[str],
     logits, pooled = logits.to(dt), pooled.to(dt)
     pred = logits.argmax(1)
     cols: list[torch.Tensor] = []
+    joint: list[torch.Tensor] = []  # the taps side by side, made once for taps-joint and votes
+
+    def joint_taps() -> torch.Tensor:
+        if not joint:
+            joint.append(torch.cat([t.to(dt) for t in taps[:n_taps]], 1))
+        return joint[0]
+
     for c in components:
         if c in ("taps", "taps-joint", "votes"):
             n_taps = int(arrays["n_taps"].item())
@@ -197,12 +204,11 @@ def component_matrix(arrays: dict[str, torch.Tensor], components: Sequence[str],
                 r = taps[i].to(dt) - arrays[f"tap_means_{i}"][pred]
                 cols.append(torch.log(quad(r, arrays[f"tap_precision_{i}"]) + _EPS))
         elif c == "taps-joint":
-            r = torch.cat([t.to(dt) for t in taps[:n_taps]], 1) - arrays["tapj_means"][pred]
+            r = joint_taps() - arrays["tapj_means"][pred]
             cols.append(torch.log(quad(r, arrays["tapj_precision"]) + _EPS))
         elif c == "votes":
             # floored only so that a model with one class (no other vote: -inf) gives a finite column
-            odds = layer_vote_logodds(torch.cat([t.to(dt) for t in taps[:n_taps]], 1), pred,
-                                      arrays["tapj_means"], arrays["tapj_precision"])
+            odds = layer_vote_logodds(joint_taps(), pred, arrays["tapj_means"], arrays["tapj_precision"])
             cols.append(odds.clamp_min(_VOTES_FLOOR))
         elif c == "pattern":
             r = pooled - arrays["means_"][pred]
