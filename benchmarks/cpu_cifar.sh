@@ -11,6 +11,8 @@
 #   SWA=30 TAG=cutout16 EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh
 #       (weight averaging: 30 more epochs on top of the finished run, into ...-csg-e200-cutout16-swa30)
 #   SWA=30 SWA_LR=0.1 TAG=cutout16 EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh   (into ...-swa30-lr0.1)
+#   KD=benchmarks/cifar10-teachers.txt SWA=30 SWA_LR=0.1 TAG=cutout16 EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh
+#       (the averaging epochs distil the runs listed in that file, one per line: into ...-swa30-lr0.1-kd14)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifar10-jpeg}
@@ -22,9 +24,14 @@ for kind in ${KINDS:-csg std}; do
   flag=$([ $kind = std ] && echo --no-gate || echo --gate)
   if [ -n "${SWA:-}" ]; then
     base=$out out=$out-swa$SWA${SWA_LR:+-lr$SWA_LR}
+    teach=()
+    if [ -n "${KD:-}" ]; then
+      while read -r t; do [ -n "$t" ] && teach+=(--teacher "$t"); done < "$KD"
+      out=$out-kd$(( ${#teach[@]} / 2 ))
+    fi
     [ -f $out/summary.json ] && continue
     res=$([ -f $out/checkpoint.safetensors ] && echo --resume || true)
-    .venv/bin/csgguard train --extend $base --swa-epochs $SWA ${SWA_LR:+--swa-lr $SWA_LR} --data-root "$DATA" --out $out $res \
+    .venv/bin/csgguard train --extend $base --swa-epochs $SWA ${SWA_LR:+--swa-lr $SWA_LR} "${teach[@]}" --data-root "$DATA" --out $out $res \
       --format json --no-progress
     continue
   fi

@@ -48,6 +48,7 @@ from .artifacts import (
 )
 from .data import Dataset, load_dataset
 from .devices import autocast, channels_last, select_device
+from .distill import distillation_loss, teacher_targets
 from .distributed import (
     SINGLE,
     DistContext,
@@ -123,6 +124,9 @@ class TrainConfig:
     train_limit: int | None = None        # train on the first N training images only (smoke runs, benchmarks)
     swa_epochs: int | None = None         # weight-averaging epochs after the main schedule (0 = none)
     swa_lr: float | None = None           # peak of each averaging epoch's LR cycle, as a fraction of the base LRs
+    teachers: tuple[str, ...] = ()        # finished runs whose averaged soft outputs the STD path learns (distillation)
+    distill_weight: float = 0.9           # share of the teachers' term in the STD-path loss (the rest: labels)
+    distill_temperature: float = 4.0      # softmax temperature of the teachers' targets and of that term
 
     def resolved(self) -> TrainConfig:
         """Fill unset fields from the dataset's defaults."""
@@ -142,6 +146,7 @@ class TrainConfig:
         if out.swa_lr is None:
             out.swa_lr = DEFAULT_SWA_LR
         out.milestones = tuple(out.milestones)
+        out.teachers = tuple(out.teachers)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +185,10 @@ class TrainConfig:
             raise CsgguardError(f"--swa-lr must be in (0, 1] (a fraction of the base learning rates), got {self.swa_lr}")
         if not 0 < self.density <= 1:
             raise CsgguardError(f"--density must be in (0, 1], got {self.density}")
+        if not (math.isfinite(self.distill_weight) and 0 <= self.distill_weight <= 1):
+            raise CsgguardError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise CsgguardError(f"--distill-temperature must be > 0, got {self.distill_temperature}")
         if self.period is not None and self.csg_from is not None and not 0 <= self.csg_from < self.period:
             raise CsgguardError(f"--csg-from must be in [0, period), got {self.csg_from} with period {self.period}")
 
@@ -249,6 +258,7 @@ class Trainer:
         # (a gated model's STD epochs leave the gate out of the graph: DDP must know)
         self.net = wrap_model(self.model, device, dist, find_unused=self.model.gate is not None)
         self.averaged: AveragedModel | None = None  # the running weight average (averaging phase only)
+        self.soft_targets: torch.Tensor | None = None  # (N_train, C) teachers' targets (distillation only)
         self.gate_frozen = False                    # True in the averaging phase (see _set_lr)
 
     # ------------------------------------------------------------------ schedule
@@ -326,14 +336,15 @@ class Trainer:
         steps = max(1, -(-len(self.train_split) // cfg.batch_size))
         per_step = cfg.lr_schedule == "cosine"
         t0 = time.perf_counter()
-        for i, (x, y, scale, n_global) in enumerate(self._batches()):
+        for i, (x, y, idx, scale, n_global) in enumerate(self._batches()):
             if per_step:
                 self._set_lr(epoch + i / steps)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss, logits = self.step(path, x, y, scale=scale)
+            soft = None if self.soft_targets is None else self.soft_targets[idx].to(self.device, non_blocking=True)
+            loss, logits = self.step(path, x, y, scale=scale, soft=soft)
             loss_sum += float(loss) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
@@ -347,7 +358,7 @@ class Trainer:
                 "seconds": seconds}
 
     def _batches(self):
-        """(x, y, loss scale, global batch size) for this process, one epoch.
+        """(x, y, positions in the train split, loss scale, global batch size) for this process, one epoch.
 
         Single-process: the shuffled batches of the train split. Under torchrun every
         rank draws the same order and augmentation from the shared generator, cuts the
@@ -357,9 +368,12 @@ class Trainer:
         generator stays in step with a single-process run).
         """
         cfg, split = self.cfg, self.train_split
-        if not self.dist.enabled:
-            for x, y in split.batches(cfg.batch_size, shuffle=True, generator=self.generator):
-                yield (self._augment(x) if cfg.augment else x), y, 1.0, len(y)
+        if not self.dist.enabled:  # the draws of split.batches(shuffle=True), with the positions kept
+            order = torch.randperm(len(split), generator=self.generator)
+            for start in range(0, len(order), cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                x, y = next(split.batches(len(idx), positions=idx))
+                yield (self._augment(x) if cfg.augment else x), y, idx, 1.0, len(y)
             return
         world = self.dist.world_size
         order = torch.randperm(len(split), generator=self.generator)
@@ -373,26 +387,36 @@ class Trainer:
                 x, y = next(split.batches(len(idx[mine]), positions=idx[mine]))
             if len(idx) < world:
                 continue
-            yield x, y, len(y) * world / len(idx), len(idx)
+            yield x, y, idx[mine], len(y) * world / len(idx), len(idx)
 
-    def step(self, path: str, x: torch.Tensor, y: torch.Tensor, *, scale: float = 1.0
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _std_loss(self, logits: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        """The STD path's loss: cross-entropy with the labels, or with teachers' targets the
+        distillation mix of both (:func:`csgguard.distill.distillation_loss`)."""
+        cfg = self.cfg
+        if soft is None:
+            return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        return distillation_loss(logits, soft, y, temperature=cfg.distill_temperature, weight=cfg.distill_weight,
+                                 label_smoothing=cfg.label_smoothing)
+
+    def step(self, path: str, x: torch.Tensor, y: torch.Tensor, *, scale: float = 1.0,
+             soft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step on the ``path`` ("std", "csg", "joint"); returns (loss, logits).
 
         ``scale`` multiplies the loss that is back-propagated (not the one returned):
-        under DDP it turns the average over ranks into the global-batch mean.
+        under DDP it turns the average over ranks into the global-batch mean. ``soft``: the
+        teachers' targets for these images (distillation), read by the STD path's loss only;
+        the CSG path learns the gate from the true classes whatever the teachers say.
         """
         cfg, model, net = self.cfg, self.model, self.net
         with autocast(self.device, cfg.amp):
             if path == "std":
                 logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss = self._std_loss(logits, y, soft)
             else:
                 std_logits, csg_logits = net(x, y)
                 loss = F.cross_entropy(csg_logits.float(), y, label_smoothing=cfg.label_smoothing)
                 if path == "joint":
-                    loss = F.cross_entropy(std_logits.float(), y, label_smoothing=cfg.label_smoothing) \
-                        + cfg.joint_weight * loss
+                    loss = self._std_loss(std_logits, y, soft) + cfg.joint_weight * loss
                 loss = loss + cfg.lam * model.gate.penalty(cfg.density)
                 logits = csg_logits if path == "csg" else std_logits
         grad_loss = loss if scale == 1.0 else loss * scale
@@ -568,6 +592,7 @@ def _saved_config(settings: dict[str, Any], where: Path, *, data_root: str | Non
     except TypeError as exc:
         raise CsgguardError(f"{where}: unreadable training settings ({exc})") from None
     cfg.milestones = tuple(cfg.milestones)
+    cfg.teachers = tuple(cfg.teachers)
     cfg.device = device
     if data_root is not None:
         cfg.data_root = data_root
@@ -575,12 +600,15 @@ def _saved_config(settings: dict[str, Any], where: Path, *, data_root: str | Non
 
 
 def extension_config(run: str | Path, *, swa_epochs: int, swa_lr: float | None = None, data_root: str | None = None,
-                     device: str = "auto", amp: bool = True) -> TrainConfig:
+                     device: str = "auto", amp: bool = True, teachers: tuple[str, ...] = (),
+                     distill_weight: float | None = None, distill_temperature: float | None = None) -> TrainConfig:
     """The recipe of the finished ``run`` (its model.json), with a weight-averaging phase added.
 
     Why: averaging the weights of a few more epochs lifts a finished network's accuracy
     without retraining it; the recipe comes from the run itself so the extension
     trains on the same data, augmentation and alternation as the epochs before it.
+    ``teachers`` (with ``distill_weight`` / ``distill_temperature``, defaults where None)
+    makes the averaging epochs distil them (:mod:`csgguard.distill`).
     """
     from .models.store import read_manifest, resolve_run
 
@@ -593,6 +621,11 @@ def extension_config(run: str | Path, *, swa_epochs: int, swa_lr: float | None =
     if cfg.swa_epochs:
         raise CsgguardError(f"{run_dir}: already holds averaged weights ({cfg.swa_epochs} epochs); extend the run it came from")
     cfg.swa_epochs, cfg.swa_lr, cfg.amp = swa_epochs, swa_lr, amp
+    if teachers:
+        cfg.teachers = tuple(str(t) for t in teachers)
+        defaults = TrainConfig()
+        cfg.distill_weight = defaults.distill_weight if distill_weight is None else distill_weight
+        cfg.distill_temperature = defaults.distill_temperature if distill_temperature is None else distill_temperature
     return cfg
 
 
@@ -674,6 +707,12 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
         f"({len(ds.train)} train / {len(ds.val)} val / {len(ds.test)} test) on {where}")
     t_start = time.perf_counter()
     with make_progress(progress if main else False) as bar:
+        if cfg.teachers:  # every rank computes the same targets (no broadcast of an (N, C) tensor)
+            say(f"distilling from {len(cfg.teachers)} teacher run(s) at T={cfg.distill_temperature:g}, "
+                f"weight {cfg.distill_weight:g}")
+            trainer.soft_targets = teacher_targets(cfg.teachers, ds.train, classes=ds.classes,
+                                                   temperature=cfg.distill_temperature, device=device,
+                                                   amp=cfg.amp, progress=bar)
         total_epochs = cfg.epochs + cfg.swa_epochs
         task = bar.add_task("train", total=(total_epochs - start_epoch) * len(ds.train), info="")
         for epoch in range(start_epoch, total_epochs):

@@ -115,6 +115,15 @@ def _describe_split(data: str) -> None:
 @click.option("--swa-lr", type=FiniteFloat(0.0, 1.0, low_open=True), default=None,
               help="Peak of each averaging epoch's LR cycle, as a fraction of the base learning rates "
                    "(default 0.1: on CIFAR-10 it lifted accuracy, 0.5 lowered it).")
+@click.option("--teacher", "teachers", multiple=True, metavar="RUN",
+              help="Distil this finished run (repeat for several, a run folder or a pretrained name): the "
+                   "STD path learns the teachers' averaged softened outputs beside the labels; the CSG "
+                   "path keeps learning the gate from labels. Teachers must have the same classes.")
+@click.option("--distill-weight", type=FiniteFloat(0.0, 1.0), default=None,
+              help="With --teacher: the teachers' share of the STD-path loss (default 0.9; the rest is "
+                   "cross-entropy with the labels).")
+@click.option("--distill-temperature", type=POSITIVE, default=None,
+              help="With --teacher: softmax temperature of the teachers' targets (default 4).")
 @click.option("--extend", "extend", type=click.Path(), default=None, metavar="RUN",
               help="Start from the finished run RUN (its recipe, weights and history) and train only "
                    "--swa-epochs averaging epochs into --out; RUN is left as it is.")
@@ -126,7 +135,8 @@ def _describe_split(data: str) -> None:
 @click.pass_context
 def train_command(ctx, data, data_root, out, arch, width, gate, epochs, batch_size, optimizer, lr, csg_lr, gate_lr,
                   weight_decay, lr_schedule, lr_warmup_epochs, label_smoothing, schedule, warmup, period, csg_from, density, lam, augment, cutout, seed, device, amp,
-                  sync_bn, train_limit, swa_epochs, swa_lr, extend, resume, fmt, progress):
+                  sync_bn, train_limit, swa_epochs, swa_lr, teachers, distill_weight, distill_temperature, extend, resume,
+                  fmt, progress):
     """Train a CNN with a Class-Specific Gate (or the STD baseline with --no-gate).
 
     \b
@@ -137,6 +147,8 @@ def train_command(ctx, data, data_root, out, arch, width, gate, epochs, batch_si
       csgguard train --out runs/mnist --resume         # after an interruption
       csgguard train --extend runs/c10 --swa-epochs 30 --out runs/c10-swa
                                                        # average 30 more epochs of a finished run
+      csgguard train --extend runs/c10 --swa-epochs 30 --teacher runs/a --teacher runs/b --out runs/c10-kd
+                                                       # ... distilling two finished runs meanwhile
       torchrun --nproc_per_node 4 -m csgguard train --data cifar10 --data-root DIR --out runs/c10
                                                        # data-parallel on 4 GPUs (rank 0 writes --out)
 
@@ -157,8 +169,16 @@ def train_command(ctx, data, data_root, out, arch, width, gate, epochs, batch_si
     from ..train import TrainConfig, train
 
     check_output_dir(out, "--out")
+    if not teachers and (distill_weight is not None or distill_temperature is not None):
+        from ..errors import CsgguardError
+
+        raise CsgguardError("--distill-weight and --distill-temperature set how --teacher runs are distilled; "
+                            "give at least one --teacher RUN")
+    distill = dict(teachers=tuple(teachers),
+                   **({} if distill_weight is None else {"distill_weight": distill_weight}),
+                   **({} if distill_temperature is None else {"distill_temperature": distill_temperature}))
     if extend is not None:
-        cfg = _extension(ctx, extend, swa_epochs, swa_lr, data_root, device, amp, out)
+        cfg = _extension(ctx, extend, swa_epochs, swa_lr, data_root, device, amp, out, distill)
     elif resume and not _given(ctx, LOCATION_OPTIONS):  # the interrupted run's own settings
         from ..train import checkpoint_config
 
@@ -170,7 +190,7 @@ def train_command(ctx, data, data_root, out, arch, width, gate, epochs, batch_si
                           label_smoothing=label_smoothing, schedule=schedule, warmup=warmup, period=period,
                           csg_from=csg_from, density=density, lam=lam, augment=augment, cutout=cutout, seed=seed,
                           device=device, amp=amp, sync_bn=sync_bn, train_limit=train_limit, swa_epochs=swa_epochs,
-                          swa_lr=swa_lr)
+                          swa_lr=swa_lr, **distill)
     lock = folder_lock(out, "train") if is_main_process() else contextlib.nullcontext()
     with lock:
         result = train(cfg, out, resume=resume, extend=extend, progress=progress, log=_SplitFirst(cfg.data))
@@ -183,7 +203,8 @@ def train_command(ctx, data, data_root, out, arch, width, gate, epochs, batch_si
 # what says where and how a run is shown, not what it trains
 LOCATION_OPTIONS = {"data_root", "device", "out", "resume", "fmt", "progress"}
 # what --extend may be combined with: everything else is the extended run's recipe
-EXTEND_OPTIONS = LOCATION_OPTIONS | {"extend", "swa_epochs", "swa_lr", "amp"}
+EXTEND_OPTIONS = LOCATION_OPTIONS | {"extend", "swa_epochs", "swa_lr", "amp", "teachers", "distill_weight",
+                                     "distill_temperature"}
 
 
 def _given(ctx, allowed: set[str]) -> list[str]:
@@ -192,7 +213,7 @@ def _given(ctx, allowed: set[str]) -> list[str]:
                   if p.name not in allowed and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT)
 
 
-def _extension(ctx, extend, swa_epochs, swa_lr, data_root, device, amp, out):
+def _extension(ctx, extend, swa_epochs, swa_lr, data_root, device, amp, out, distill):
     """The extended run's recipe plus the averaging phase; refuses recipe options given beside --extend."""
     from pathlib import Path
 
@@ -209,4 +230,4 @@ def _extension(ctx, extend, swa_epochs, swa_lr, data_root, device, amp, out):
     if Path(out).resolve() == resolve_run(extend).resolve():
         raise CsgguardError(f"--out {out} is the run being extended; write the extension to another folder")
     return extension_config(extend, swa_epochs=swa_epochs, swa_lr=swa_lr, data_root=data_root, device=device,
-                            amp=amp)
+                            amp=amp, **distill)
