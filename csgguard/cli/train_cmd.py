@@ -94,7 +94,7 @@ def _describe_split(data: str) -> None:
                    "validation accuracy over alternate at 30-40 epochs, none at the full 230-epoch recipe).")
 @click.option("--warmup", type=NON_NEGATIVE_INT, default=None, help="STD-only epochs before the alternation starts.")
 @click.option("--period", type=POSITIVE_INT, default=None, help="Alternation period in epochs.")
-@click.option("--csg-from", type=NON_NEGATIVE_INT, default=None, help="An epoch is CSG when epoch %% period >= this (m).")
+@click.option("--csg-from", type=NON_NEGATIVE_INT, default=None, help="An epoch is CSG when epoch % period >= this (m).")
 @click.option("--density", type=FiniteFloat(0.0, 1.0, low_open=True), default=0.2, show_default=True, help="Target gate L1-density d.")
 @click.option("--lam", type=NON_NEGATIVE, default=1e-3, show_default=True, help="Sparsity hinge weight lambda.")
 @click.option("--augment/--no-augment", default=None, help="Random crop + flip (default on for cifar10).")
