@@ -621,11 +621,12 @@ def extension_config(run: str | Path, *, swa_epochs: int, swa_lr: float | None =
     if cfg.swa_epochs:
         raise CsgguardError(f"{run_dir}: already holds averaged weights ({cfg.swa_epochs} epochs); extend the run it came from")
     cfg.swa_epochs, cfg.swa_lr, cfg.amp = swa_epochs, swa_lr, amp
-    if teachers:
-        cfg.teachers = tuple(str(t) for t in teachers)
-        defaults = TrainConfig()
-        cfg.distill_weight = defaults.distill_weight if distill_weight is None else distill_weight
-        cfg.distill_temperature = defaults.distill_temperature if distill_temperature is None else distill_temperature
+    # the averaging epochs distil only the teachers given here: a distilled run's own teachers
+    # (paths on the machine that trained it) are its history, not part of what is extended
+    defaults = TrainConfig()
+    cfg.teachers = tuple(str(t) for t in teachers)
+    cfg.distill_weight = defaults.distill_weight if distill_weight is None else distill_weight
+    cfg.distill_temperature = defaults.distill_temperature if distill_temperature is None else distill_temperature
     return cfg
 
 

@@ -112,6 +112,8 @@ def test_a_distilled_run_records_its_teachers_and_extends(tmp_path, digits_csg_r
     ext = train(cfg, tmp_path / "ext", extend=tmp_path / "base", progress=False)
     assert ext.summary["swa_epochs"] == 1
     assert json.loads((tmp_path / "ext" / "model.json").read_text())["training"]["teachers"] == list(teachers)
+    # extending the distilled run without --teacher averages without distilling
+    assert extension_config(tmp_path / "kd", swa_epochs=1).teachers == ()
     with pytest.raises(CsgguardError, match="--distill-weight"):
         TrainConfig(distill_weight=1.5).validate()
     with pytest.raises(CsgguardError, match="--distill-temperature"):
