@@ -13,6 +13,8 @@
 #   SWA=30 SWA_LR=0.1 TAG=cutout16 EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh   (into ...-swa30-lr0.1)
 #   KD=benchmarks/cifar10-teachers.txt SWA=30 SWA_LR=0.1 TAG=cutout16 EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh
 #       (the averaging epochs distil the runs listed in that file, one per line: into ...-swa30-lr0.1-kd14)
+#   KD=benchmarks/cifar10-teachers.txt EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh
+#       (the default recipe, 200 + 30 epochs, distilling those runs from the first epoch: ...-csg-e200-kd14)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifar10-jpeg}
@@ -35,8 +37,13 @@ for kind in ${KINDS:-csg std}; do
       --format json --no-progress
     continue
   fi
+  teach=()
+  if [ -n "${KD:-}" ]; then  # distil from the first epoch on (the teachers' targets are kept in the checkpoint)
+    while read -r t; do [ -n "$t" ] && teach+=(--teacher "$t"); done < "$KD"
+    out=$out-kd$(( ${#teach[@]} / 2 ))
+  fi
   [ -f $out/summary.json ] && continue
   res=$([ -f $out/checkpoint.safetensors ] && echo --resume || true)
   .venv/bin/csgguard train --data cifar10 --data-root "$DATA" $flag --out $out $res ${EPOCHS:+--epochs $EPOCHS} \
-    ${EXTRA:-} --format json --no-progress
+    "${teach[@]}" ${EXTRA:-} --format json --no-progress
 done

@@ -489,6 +489,8 @@ class Trainer:
                     tensors[f"opt.{name}.{pid}.{key}"] = t
         if self.averaged is not None:
             tensors.update({f"swa.{k}": v for k, v in self.averaged.state_dict().items()})
+        if self.soft_targets is not None:  # computing them again would cost a resume every teacher's pass
+            tensors["distill.targets"] = self.soft_targets
         tensors["rng.generator"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         return tensors
@@ -512,6 +514,13 @@ class Trainer:
         if averaged:
             self.averaged = AveragedModel(self.model)
             self.averaged.load_state_dict(averaged)
+        targets = tensors.get("distill.targets")
+        if targets is not None:
+            want = (len(self.train_split), self.ds.num_classes)
+            if tuple(targets.shape) != want or targets.dtype != torch.float32:
+                raise CsgguardError(f"checkpoint: distillation targets of shape {tuple(targets.shape)} "
+                                    f"({targets.dtype}), expected {want} float32; drop --resume to start afresh")
+            self.soft_targets = targets
         self.generator.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
 
@@ -708,9 +717,10 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, ctx: DistContext, 
         f"({len(ds.train)} train / {len(ds.val)} val / {len(ds.test)} test) on {where}")
     t_start = time.perf_counter()
     with make_progress(progress if main else False) as bar:
-        if cfg.teachers:  # every rank computes the same targets (no broadcast of an (N, C) tensor)
+        if cfg.teachers and trainer.soft_targets is None:  # (a resumed run read them from its checkpoint)
+            # every rank computes the same targets (no broadcast of an (N, C) tensor)
             say(f"distilling from {len(cfg.teachers)} teacher run(s) at T={cfg.distill_temperature:g}, "
-                f"weight {cfg.distill_weight:g}")
+                f"weight {cfg.distill_weight:g}: scoring the training images")
             trainer.soft_targets = teacher_targets(cfg.teachers, ds.train, classes=ds.classes,
                                                    temperature=cfg.distill_temperature, device=device,
                                                    amp=cfg.amp, progress=bar)

@@ -129,3 +129,34 @@ def test_cli_distill_options_need_a_teacher(tmp_path):
     r = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "y"), "--teacher", str(tmp_path / "nowhere"),
                                   "--epochs", "1"])
     assert r.exit_code != 0 and "nowhere" in r.output and "Traceback" not in r.output
+
+
+def test_a_resumed_distilled_run_reads_its_targets_from_the_checkpoint(tmp_path, monkeypatch, digits_std_run):
+    """The teachers score the training images once per run: a resume reads their targets from the
+    checkpoint and ends where an uninterrupted run ends."""
+    import importlib
+
+    train_module = importlib.import_module("csgguard.train")  # the module (csgguard.train is also the function)
+
+    cfg = dict(data="digits", epochs=3, seed=1, width=16, teachers=(str(digits_std_run),))
+    full = train(TrainConfig(**cfg), tmp_path / "full", progress=False)
+    original = Trainer.run_epoch
+
+    def interrupting(self, epoch, *a, **k):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "run_epoch", interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(**cfg), tmp_path / "part", progress=False)
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "teacher_targets", lambda *a, **k: calls.append(1))
+        resumed = train(TrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)
+    assert calls == []  # not recomputed
+    assert resumed.summary["test_accuracy"] == full.summary["test_accuracy"]
+    sa = load_model(tmp_path / "full").model.state_dict()
+    sb = load_model(tmp_path / "part").model.state_dict()
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
