@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from interrupt import ctrl_c_at_epoch
 
 from csgguard.cli import main
 
@@ -119,18 +120,8 @@ def test_extend_from_the_command_line(runner, tmp_path):
 
 def test_resume_takes_the_interrupted_runs_own_settings(runner, tmp_path, monkeypatch):
     """`csgguard train --out X --resume` (README, --help) must not need the options retyped."""
-    from csgguard.train import Trainer
-
-    original = Trainer.run_epoch
-
-    def interrupting(self, epoch, *a, **k):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch, *a, **k)
-
     out = tmp_path / "part"
-    with monkeypatch.context() as m:
-        m.setattr(Trainer, "run_epoch", interrupting)
+    with ctrl_c_at_epoch(monkeypatch, 2):
         r = runner.invoke(main, ["train", "--out", str(out), "--epochs", "4", "--width", "16", "--seed", "3"])
         assert r.exit_code != 0 and (out / "checkpoint.safetensors").is_file()
     # an option that contradicts the checkpoint is still refused, by name

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from interrupt import ctrl_c_at_epoch
 
 from csgguard import TrainConfig, load_dataset, load_model, train
 from csgguard.distill import distillation_loss, teacher_targets
@@ -140,15 +141,7 @@ def test_a_resumed_distilled_run_reads_its_targets_from_the_checkpoint(tmp_path,
 
     cfg = dict(data="digits", epochs=3, seed=1, width=16, teachers=(str(digits_std_run),))
     full = train(TrainConfig(**cfg), tmp_path / "full", progress=False)
-    original = Trainer.run_epoch
-
-    def interrupting(self, epoch, *a, **k):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch, *a, **k)
-
-    with monkeypatch.context() as m:
-        m.setattr(Trainer, "run_epoch", interrupting)
+    with ctrl_c_at_epoch(monkeypatch, 2):
         with pytest.raises(KeyboardInterrupt):
             train(TrainConfig(**cfg), tmp_path / "part", progress=False)
     calls = []

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from interrupt import ctrl_c_at_epoch
 
 from csgguard import TrainConfig, load_model, train
 from csgguard.errors import CsgguardError
@@ -94,15 +95,7 @@ def test_seeded_runs_are_reproducible(tmp_path):
 
 def _interrupted_run(monkeypatch, cfg: dict, out, at_epoch: int) -> None:
     """Train ``cfg`` into ``out`` and press Ctrl-C when ``at_epoch`` starts (a checkpoint is left)."""
-    original = Trainer.run_epoch
-
-    def interrupting(self, epoch, *a, **k):
-        if epoch == at_epoch:
-            raise KeyboardInterrupt
-        return original(self, epoch, *a, **k)
-
-    with monkeypatch.context() as m:
-        m.setattr(Trainer, "run_epoch", interrupting)
+    with ctrl_c_at_epoch(monkeypatch, at_epoch):
         with pytest.raises(KeyboardInterrupt):
             train(TrainConfig(**cfg), out, progress=False)
 
@@ -185,15 +178,7 @@ def test_extend_averages_a_finished_run_and_resumes(tmp_path, monkeypatch):
     assert not torch.allclose(after["fc.weight"], before["fc.weight"])  # ... while the weights did move
     assert json.loads((tmp_path / "base" / "summary.json").read_text())["epochs"] == 5  # RUN left as it is
     # interrupted in the second averaging epoch, then resumed: the same average as without the interruption
-    original = Trainer.run_epoch
-
-    def interrupting(self, epoch, *a, **k):
-        if epoch == 6:
-            raise KeyboardInterrupt
-        return original(self, epoch, *a, **k)
-
-    with monkeypatch.context() as m:
-        m.setattr(Trainer, "run_epoch", interrupting)
+    with ctrl_c_at_epoch(monkeypatch, 6):
         with pytest.raises(KeyboardInterrupt):
             train(extension_config(tmp_path / "base", swa_epochs=3), tmp_path / "part", extend=tmp_path / "base",
                   progress=False)
