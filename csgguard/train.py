@@ -77,7 +77,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # CIFAR-10: a cosine schedule with a linear LR warm-up and cutout 16, which lifted both ResNet-20s'
     # validation accuracy; 200 epochs, which with cutout lifted the pair's again (100 and 150 did less);
     # then 30 weight-averaging epochs with cycles from 0.1 x the base LR, which lifted it once more
-    # (cycles from 0.5 x lowered it; README "CIFAR-10", each step by a rule written before its runs)
+    # (cycles from 0.5 x lowered it; docs/results.md "Training", each step by a rule written before its runs)
     "cifar10": dict(arch="resnet20", epochs=200, batch_size=128, optimizer="sgd", lr=0.1, csg_lr=0.1,
                     gate_lr=1e-2, weight_decay=5e-4, warmup=2, period=3, csg_from=2, augment=True,
                     lr_schedule="cosine", lr_warmup_epochs=1.0, cutout=16, swa_epochs=30, swa_lr=0.1),
