@@ -22,10 +22,11 @@ outside the training range) they can see less than the clean-only ``csg-clean``
 does. So the score is the union of both: a soft maximum (log-sum-exp) of the heads'
 log-odds and a ``csg-clean`` score fitted on the same clean images, each put in units
 of its own clean spread (its ``1 - fpr`` clean quantile subtracted, divided by its clean
-standard deviation). With ``units="cross-fit"`` those clean figures are out-of-fold: a
-head scores its own training images far lower than images it has not seen, and units
-taken on them (``"in-sample"``, the default) can let the heads' part swamp the union on
-new clean images. An input is flagged when either part finds it atypical, and every
+standard deviation). With ``units="cross-fit"`` (the default) those clean figures are
+out-of-fold: a head scores its own training images far lower than images it has not seen,
+and units taken on them (``"in-sample"``, the default until a rule judged on MNIST and the
+shipped CIFAR-10 pair chose cross-fit: docs/adaptive.md) let the heads' part swamp the
+union on new clean images. An input is flagged when either part finds it atypical, and every
 adaptive round -- and any adaptive attacker -- differentiates the union, so an
 example must evade both to pass. ``guard="none"`` keeps the heads alone (files saved
 before the guard existed load that way).
@@ -101,8 +102,8 @@ class GateRobustDetector(Detector):
         see the module docstring) or ``none`` (the heads alone).
     units : where each part's clean units (and the fit-time operating point the adaptive rounds
         attack) come from: ``cross-fit`` (out-of-fold scores: each clean fit image scored by
-        heads and guard fitted without it, 5 folds) or ``in-sample`` (the fit images' own
-        scores; files saved before the parameter existed load so).
+        heads and guard fitted without it, 5 folds; the default) or ``in-sample`` (the fit
+        images' own scores; files saved before the parameter existed load so).
     seed : attack starts, budgets, targets and initialisation.
     fpr : target false-positive rate for :meth:`calibrate`.
     """
@@ -116,7 +117,7 @@ class GateRobustDetector(Detector):
     def __init__(self, *, inputs: str = "pooled,taps,logits", hidden: int = 64, rounds: int = 3,
                  train_eps: str | Sequence[float] | None = None, steps: int = 20, limit: int = 2000,
                  epochs: int = 300, lr: float = 0.01, weight_decay: float = 1e-4, guard: str = "csg-clean",
-                 units: str = "in-sample", seed: int = 0, batch_size: int = 256, fpr: float = 0.05) -> None:
+                 units: str = "cross-fit", seed: int = 0, batch_size: int = 256, fpr: float = 0.05) -> None:
         super().__init__(fpr=fpr)
         self.inputs = inputs
         self.hidden = hidden
