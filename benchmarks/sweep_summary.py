@@ -44,11 +44,11 @@ def main() -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
 
-    def fmt(r):
-        return "-" if r is None or r["auroc"] is None else f"{r['auroc']:.3f} / {r['tpr_at_target_fpr']:.2f}"
-
     def short(r):
         return "-" if r is None or r["auroc"] is None else f"{r['auroc']:.3f}"
+
+    def fmt(r):
+        return short(r) if short(r) == "-" else f"{short(r)} / {r['tpr_at_target_fpr']:.2f}"
 
     for cell in cells:
         ours = by.get(("csg", args.detector, cell))
