@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="C&W's confidence margin in logits (default 0: stop just past the boundary)")
     ap.add_argument("--no-adaptive", action="store_true")
     ap.add_argument("--adaptive-steps", type=int, default=40)
+    ap.add_argument("--adaptive-eps", default=None, help="Linf budgets of the adaptive attack only (default: --eps)")
     ap.add_argument("--adaptive-targets", default=None,
                     help="detectors the adaptive attack is aimed at, each through its own score (default csg-clean; "
                          "'all': every detector with a differentiable score)")
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                        supervised_on=args.supervised_on, adaptive=not args.no_adaptive, eps=args.eps,
                        l2_eps=args.l2_eps, data_root=args.data_root, batch_size=args.batch_size,
                        detector_params=_detector_params(args.detector_params), adaptive_steps=args.adaptive_steps,
-                       adaptive_targets=args.adaptive_targets,
+                       adaptive_targets=args.adaptive_targets, adaptive_eps=args.adaptive_eps,
                        attack_settings=settings, progress=False, out=args.out, write=args.out is not None)
     except CsgguardError as exc:
         print(f"error: {exc}", file=sys.stderr)

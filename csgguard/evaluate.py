@@ -318,7 +318,7 @@ def _cross_fit(h: _Harness, label: str, fit_adv: dict[str, dict[str, Any]],
 
 
 def _evaluate_model(h: _Harness, cells: list[Cell], fit_cells: list[Cell], detectors: Sequence[str],
-                    linf: Sequence[float], adaptive: bool, cross_fit: Sequence[str]) -> dict[str, Any]:
+                    adaptive_budgets: Sequence[float], adaptive: bool, cross_fit: Sequence[str]) -> dict[str, Any]:
     s = h.s
     out: dict[str, Any] = {"attacks": {}, "attacks_fit": {}, "results": [], "thresholds": {}, "adaptive": [],
                            "cross_fit": [], "errors": h.errors}
@@ -370,7 +370,7 @@ def _evaluate_model(h: _Harness, cells: list[Cell], fit_cells: list[Cell], detec
     if adaptive and not targets:
         h.errors.append(f"{h.label}: adaptive attack skipped (none of its targets "
                         f"{', '.join(s['adaptive_targets'])} was fitted with a differentiable score)")
-    for eps in linf if targets else ():
+    for eps in adaptive_budgets if targets else ():
         cid = f"{ADAPTIVE}@{format_eps(eps)}"
         runs: dict[str, dict[str, Any]] = {}
         for t in targets:  # one attack per target, against that detector's own score
@@ -487,7 +487,8 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
              detector_params: dict[str, dict[str, Any]] | None = None, adaptive_steps: int = 40,
              adaptive_weights: tuple[float, ...] = (0.5, 2.0, 8.0), progress: bool | None = None,
              attack_settings: dict[str, dict[str, Any]] | None = None, cross_fit: Sequence[str] | None = None,
-             adaptive_targets: str | Sequence[str] | None = None, write: bool = True) -> dict[str, Any]:
+             adaptive_targets: str | Sequence[str] | None = None,
+             adaptive_eps: float | str | Sequence[float] | None = None, write: bool = True) -> dict[str, Any]:
     """Run the protocol on ``run_dir`` (and ``compare_run``) over a budget sweep; write and return the report.
 
     ``eps`` / ``l2_eps``: the Linf / L2 budgets (a number, a list, or text like
@@ -500,6 +501,9 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
     attack on its own differentiable score (default csg-clean; ``"all"``: every detector that
     has one); every other detector is scored on the attack against the first target (a
     transfer row, ``transfer: true``).
+    ``adaptive_eps``: the Linf budgets of the adaptive attack (same forms as ``eps``; default:
+    the Linf budgets of the sweep). The adaptive attack is the slow part of a sweep on natural
+    images, so it can be run where it decides something and nowhere else.
     ``detector_params``: label -> parameters; a label that is no registered name is a
     variant whose ``"detector"`` entry names the base detector.
     """
@@ -514,6 +518,9 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
         check_budgets(linf_req, "linf")
     if l2_req is not None:
         check_budgets(l2_req, "l2")
+    adaptive_req = parse_budget_list(adaptive_eps, "--adaptive-eps")
+    if adaptive_req is not None:
+        check_budgets(adaptive_req, "linf", "--adaptive-eps")
     cross = tuple(d for d in detectors if bases[d] == "csg-supervised") if cross_fit is None else tuple(cross_fit)
     unknown = [d for d in cross if d not in detectors]
     if unknown:
@@ -539,6 +546,7 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
     shape = tuple(test.images.shape[1:])
     linf = resolve_budgets(linf_req, "linf", ds.name, shape)
     l2 = resolve_budgets(l2_req, "l2", ds.name, shape)
+    adaptive_budgets = linf if adaptive_req is None else resolve_budgets(adaptive_req, "linf", ds.name, shape)
     cells = build_cells(attacks, linf, l2)
     fit_cells = build_cells(supervised, linf, l2)
     splits = make_splits(len(test), seed, limit)
@@ -546,7 +554,7 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
     settings = {"attacks": list(attacks), "detectors": list(detectors), "detector_bases": bases, "fpr": fpr,
                 "limit": limit, "seed": seed, "eps": list(linf), "l2_eps": list(l2), "cells": [c.id for c in cells],
                 "supervised_on": [c.id for c in fit_cells], "cross_fit": list(cross), "adaptive": adaptive,
-                "adaptive_targets": list(targets), "batch_size": batch_size, "detector_params": detector_params,
+                "adaptive_eps": list(adaptive_budgets) if adaptive else [], "adaptive_targets": list(targets), "batch_size": batch_size, "detector_params": detector_params,
                 "dataset": ds.name, "attack_settings": attack_settings or {}, "adaptive_steps": adaptive_steps,
                 "adaptive_weights": list(adaptive_weights), "negatives": "all clean evaluation images",
                 "calibration": "Detector.calibrate on every clean calibration image (misclassified included), "
@@ -565,7 +573,7 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
         log(f"evaluate: {label} model {loaded.run_dir} ({len(cells)} attack cells)")
         h = _Harness(label, loaded, data, settings, dev, make_progress(progress))
         report["models"][label] = _model_info(loaded, h.feats["evaluation"], data["evaluation"][1])
-        res = _evaluate_model(h, cells, fit_cells, detectors, linf, adaptive, cross)
+        res = _evaluate_model(h, cells, fit_cells, detectors, adaptive_budgets, adaptive, cross)
         for key in ("attacks", "attacks_fit", "thresholds", "seconds"):
             report[key][label] = res[key]
         for key in ("results", "adaptive", "cross_fit", "errors"):

@@ -118,6 +118,7 @@ def _cli(args):
     (["--attacks", "fgsm,zap"], "unknown attack 'zap'"),
     (["--limit", "30"], "too few"),
     (["--fpr", "0.7"], "--fpr"),
+    (["--adaptive-eps", "2"], "--adaptive-eps 2 is outside (0, 1]"),
 ])
 def test_cli_bad_input(digits_csg_run, tmp_path, extra, msg):
     out = tmp_path / "rep"
@@ -188,6 +189,16 @@ def test_adaptive_attack_aimed_at_each_target(digits_csg_run, tmp_path):
     with pytest.raises(E.CsgguardError, match="adaptive target 'kd-bu' is not among"):
         E.evaluate(digits_csg_run, attacks=("fgsm",), detectors=("csg-clean",), limit=300, device="cpu", eps=0.1,
                    adaptive_targets="kd-bu", progress=False, write=False)
+
+
+def test_adaptive_eps_runs_the_adaptive_attack_only_there(digits_csg_run):
+    """--adaptive-eps: the sweep keeps its budgets, the adaptive attack runs at the budgets asked for only."""
+    rep = E.evaluate(digits_csg_run, attacks=("fgsm",), detectors=("csg-clean",), limit=300, device="cpu",
+                     eps="0.05,0.1", adaptive_eps="0.1", adaptive_steps=5, adaptive_weights=(2.0,),
+                     progress=False, write=False)
+    assert {r["cell"] for r in rep["results"]} == {"fgsm@0.05", "fgsm@0.1"}
+    assert {r["cell"] for r in rep["adaptive"]} == {"adaptive-pgd@0.1"}
+    assert rep["settings"]["adaptive_eps"] == [0.1]
 
 
 def test_saved_detector_measured_as_fit_left_it(digits_csg_run, tmp_path):

@@ -58,7 +58,11 @@ def _names(value: str, what: str) -> tuple[str, ...]:
               help="Attacks (every budget) or cells (pgd@0.1) supervised detectors are fitted on, on the fit split; "
                    "every other cell is unseen.")
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
-              help="Also run the adaptive attack (classifier + detector together) at every Linf budget.")
+              help="Also run the adaptive attack (classifier + detector together) at every Linf budget "
+                   "(or those of --adaptive-eps).")
+@click.option("--adaptive-eps", default=None, metavar="LIST",
+              help="Linf budgets of the adaptive attack only, e.g. 2/255 (default: those of --eps). On natural "
+                   "images the adaptive attack is the slow part of a sweep.")
 @click.option("--adaptive-targets", default=None, metavar="LIST|all",
               help="Detectors the adaptive attack is aimed at, each through its own differentiable score "
                    "(csg-clean, csg-robust, mahalanobis, noise-response; 'all': every evaluated one that has such a score; "
@@ -73,7 +77,7 @@ def _names(value: str, what: str) -> tuple[str, ...]:
 @format_option(("table", "json"))
 @progress_option
 def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, l2_eps, supervised_on, adaptive,
-                     adaptive_targets, seed, out, data_root, device, fmt, progress):
+                     adaptive_eps, adaptive_targets, seed, out, data_root, device, fmt, progress):
     """Measure detection honestly: disjoint splits, one fixed threshold, a budget sweep, unseen and adaptive attacks.
 
     Splits the test data once into fit / calibration / evaluation parts, attacks the
@@ -101,6 +105,7 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
     if not 0.0 < fpr_value < 1.0:
         raise CsgguardError(f"--fpr must be between 0 and 1, got {fpr}")
     eps_list, l2_list = parse_budget_list(eps, "--eps"), parse_budget_list(l2_eps, "--l2-eps")
+    adaptive_list = parse_budget_list(adaptive_eps, "--adaptive-eps")
     out_dir = Path(out) if out is not None else Path(run_dir) / "evaluation"
     check_output_dir(out_dir, "--out")
     created = not out_dir.exists()
@@ -111,7 +116,8 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
                               supervised_on=_names(supervised_on, "supervised-on"), adaptive=adaptive, out=out,
                               adaptive_targets=None if adaptive_targets is None
                               else _names(adaptive_targets, "adaptive-targets"),
-                              eps=eps_list, l2_eps=l2_list, data_root=data_root, progress=progress)
+                              eps=eps_list, l2_eps=l2_list, adaptive_eps=adaptive_list, data_root=data_root,
+                              progress=progress)
     except BaseException:
         if created:  # a refused request (unknown name, too few images, other classes) leaves no empty folder
             with contextlib.suppress(OSError):
