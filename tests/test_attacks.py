@@ -161,8 +161,10 @@ def test_seeded_runs_are_reproducible(loaded, xy):
 
 
 def test_pgd_restarts_retry_exactly_the_failures(loaded):
-    # 240 images: on 48, whether a retry finds one more success depended on the CPU the fixture
-    # model was trained on (bf16 kernels differ: AMD AVX512-BF16 vs Intel AMX gave 5 -> 6 vs 5 -> 5)
+    # whether a retry finds one more success depends on the CPU the fixture model was trained on
+    # (bf16 kernels differ): on 48 images at eps 0.06, AMD AVX512-BF16 vs Intel AMX gave 5 -> 6 vs
+    # 5 -> 5, and on 240 images one AMD host gave 32 -> 32; at eps 0.08 on 240 images the retries
+    # add 7 (72 -> 79), a margin no kernel difference has come near
     test = load_dataset("digits").test
     x, y = test.x()[:240], test.labels[:240]
     spec = make_attack("pgd", eps=None, steps=5, restarts=3)
@@ -179,8 +181,8 @@ def test_pgd_restarts_retry_exactly_the_failures(loaded):
         return call
 
     spec.foolbox_attack = counting_attack
-    one = run(loaded, x, y, "pgd", eps=0.06, steps=5, seed=0)
-    three = run(loaded, x, y, spec, eps=0.06, seed=0)
+    one = run(loaded, x, y, "pgd", eps=0.08, steps=5, seed=0)
+    three = run(loaded, x, y, spec, eps=0.08, seed=0)
     assert calls[0][1] > 0, "eps too large for this check: nothing left to retry"
     assert len(calls) == 3 or calls[-1][1] == 0           # up to restarts tries in all
     for (_, failing), (tried, _) in zip(calls, calls[1:], strict=False):
