@@ -260,7 +260,7 @@ def apply_rule(rows: list[dict]) -> list[tuple[str, float, float, int]]:
     return sorted(tied, key=lambda t: (-t[2], t[3])) + sorted(rest, key=lambda t: -t[1])
 
 
-def _minimax_regret(rows: list[dict], variants: list[str], cost, tie_order) -> list[dict]:
+def minimax_regret(rows: list[dict], variants: list[str], cost, tie_order) -> list[dict]:
     """Candidates ranked by minimax regret, best first: a cell is (dataset, model, attack), a
     candidate's regret there the best candidate's AUROC minus its own; the smallest largest regret
     wins, candidates within 0.01 of it are ordered by ``tie_order`` (a sort key over the row),
@@ -286,7 +286,7 @@ def _minimax_regret(rows: list[dict], variants: list[str], cost, tie_order) -> l
 def apply_regret_rule(rows: list[dict]) -> list[dict]:
     """The second rule of docs/detectors.md (minimax regret), best first: ties within 0.01 go to
     the higher mean AUROC over all cells, then to fewer components."""
-    return _minimax_regret(rows, _candidates(rows), lambda v: _n_components(rows, v),
+    return minimax_regret(rows, _candidates(rows), lambda v: _n_components(rows, v),
                            lambda o: (-o["mean_auroc"], o["components"]))
 
 
@@ -296,7 +296,7 @@ def apply_union_rule(rows: list[dict]) -> list[dict]:
     largest regret go to fewer extra forward passes, then the higher mean AUROC."""
     first = {r["variant"]: r for r in reversed(rows)}
     variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if "," in first[v]["components"]]
-    return _minimax_regret(rows, variants, lambda v: first[v]["extra_passes"],
+    return minimax_regret(rows, variants, lambda v: first[v]["extra_passes"],
                            lambda o: (o["components"], -o["mean_auroc"]))
 
 

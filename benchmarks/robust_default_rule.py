@@ -31,12 +31,14 @@ import argparse
 import json
 from pathlib import Path
 
+# the regret every detector rule of docs/detectors.md uses (this script's folder is on sys.path)
+from detector_variants import minimax_regret
+
 CLEAN = "csg-clean"
 
 
-def _rows(path: Path, robust_label: str) -> dict[tuple[str, str], dict[str, dict]]:
+def _rows(data: dict, robust_label: str) -> dict[tuple[str, str], dict[str, dict]]:
     """(model slot, cell) -> {"clean": row, "robust": row} for both candidates."""
-    data = json.loads(path.read_text())
     out: dict[tuple[str, str], dict[str, dict]] = {}
     for r in data["rows"]:
         who = {CLEAN: "clean", robust_label: "robust"}.get(r["detector"])
@@ -46,9 +48,8 @@ def _rows(path: Path, robust_label: str) -> dict[tuple[str, str], dict[str, dict
     return out
 
 
-def _model_name(path: Path, slot: str, data: dict) -> str:
-    gated = data["models"][slot].get("gated")
-    return f"{path.stem} [{slot} slot, {'CSG' if gated else 'STD'}]"
+def _model_tag(slot: str, data: dict) -> str:
+    return f"[{slot} slot, {'CSG' if data['models'][slot].get('gated') else 'STD'}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = [tuple(x.split("=", 1)) for x in args.robust_label]
     only = None if args.cells is None else {c.strip() for c in args.cells.split(",") if c.strip()}
 
-    regrets = {"clean": [], "robust": []}
+    aurocs: list[dict] = []  # minimax_regret's rows: one per candidate and judged cell
     verdicts: dict[str, bool] = {"a": True, "b": True, "c": True, "d": True}
     lines: list[str] = []
     for spec in args.files:
@@ -73,17 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(path_s)
         data = json.loads(path.read_text())
         label = next((lab for lab, sub in labels if sub in path_s), "csg-robust")
-        rows = _rows(path, label)
+        rows = _rows(data, label)
         target = data["settings"]["fpr"]
         for slot in sorted({m for m, _ in rows}):
-            name = _model_name(path, slot, data)
+            tag_m = _model_tag(slot, data)
+            name = f"{path.stem} {tag_m}"
             cells = {c: v for (m, c), v in rows.items() if m == slot and len(v) == 2}
             plain = {c: v for c, v in cells.items() if not c.startswith("adaptive") and (only is None or c in only)}
-            for c, v in plain.items():
-                a, b = v["clean"]["auroc"], v["robust"]["auroc"]
-                best = max(a, b)
-                regrets["clean"].append((best - a, f"{name} {c}"))
-                regrets["robust"].append((best - b, f"{name} {c}"))
+            aurocs += [{"variant": who, "auroc": v[who]["auroc"], "dataset": path.stem, "model": tag_m,
+                        "attack": c} for c, v in plain.items() for who in ("clean", "robust")]
             lines.append(f"\n## {name}: {len(plain)} non-adaptive cells judged")
             lines.append("| cell | n | AUROC csg-clean | AUROC csg-robust | detection csg-clean | detection csg-robust |")
             lines.append("|---|---|---|---|---|---|")
@@ -91,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"| {c} | {v['clean']['n_adv_eval']} | {v['clean']['auroc']:.3f} | "
                              f"{v['robust']['auroc']:.3f} | {v['clean']['tpr_at_target_fpr']:.3f} | "
                              f"{v['robust']['tpr_at_target_fpr']:.3f} |")
-            if tag == "natural":
+            if tag == "natural" and plain:
                 mc = sum(v["clean"]["tpr_at_target_fpr"] for v in plain.values()) / len(plain)
                 mr = sum(v["robust"]["tpr_at_target_fpr"] for v in plain.values()) / len(plain)
                 drops = [(c, v["clean"]["tpr_at_target_fpr"] - v["robust"]["tpr_at_target_fpr"])
                          for c, v in plain.items() if v["clean"]["n_adv_eval"] >= 100]
-                worst = max(drops, key=lambda t: t[1])
+                worst = max(drops, key=lambda t: t[1], default=("-", 0.0))
                 ok = mr >= mc - 0.01 and worst[1] <= 0.05
                 verdicts["b"] &= ok
                 lines.append(f"(b) mean detection csg-clean {mc:.3f}, csg-robust {mr:.3f}; largest fall in a "
@@ -117,10 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"(d) {args.adaptive_cell} aimed at each: csg-clean {dc:.3f}, csg-robust {dr:.3f}: "
                              f"{'holds' if ok else 'FAILS'}")
     print("\n".join(lines))
-    wc, wr = max(regrets["clean"]), max(regrets["robust"])
-    verdicts["a"] = wr[0] < wc[0]
-    print(f"\n(a) largest regret: csg-clean {wc[0]:.3f} at {wc[1]}; csg-robust {wr[0]:.3f} at {wr[1]} "
-          f"({len(regrets['clean'])} cells): {'holds' if verdicts['a'] else 'FAILS'}")
+    if not aurocs:
+        ap.error("no non-adaptive cell scored by both csg-clean and csg-robust (check --cells and --robust-label)")
+    ranked = {o["variant"]: o for o in minimax_regret(aurocs, ["clean", "robust"], lambda v: 0, lambda o: 0)}
+    wc, wr = ranked["clean"], ranked["robust"]
+    verdicts["a"] = wr["max_regret"] < wc["max_regret"]
+    print(f"\n(a) largest regret: csg-clean {wc['max_regret']:.3f} at {wc['at']}; csg-robust {wr['max_regret']:.3f} "
+          f"at {wr['at']} ({len(aurocs) // 2} cells): {'holds' if verdicts['a'] else 'FAILS'}")
     print("verdict: " + ", ".join(f"({k}) {'holds' if v else 'FAILS'}" for k, v in verdicts.items())
           + (" -> csg-robust passes" if all(verdicts.values())
              else " -> csg-clean stays the default"))
