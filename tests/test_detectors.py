@@ -95,13 +95,14 @@ def test_taps_keep_seeing_a_large_budget(csg):
     from csgguard.attacks import run
 
     loaded, ds, f = csg
-    last = GateCleanDetector(components="pattern,margin").fit(f["train"]).calibrate(f["val"])
-    full = GateCleanDetector().fit(f["train"]).calibrate(f["val"])
+    dets = {"last": GateCleanDetector(components="pattern,margin"), "full": GateCleanDetector()}
+    for d in dets.values():
+        d.fit(f["train"]).calibrate(f["val"])
     for eps, gain in ((0.2, 0.03), (0.3, 0.0)):
         adv = run(loaded, ds.test.x()[:300], ds.test.labels[:300], "pgd", eps=eps, progress=False).successful()
         fa = extract_features(loaded.model, torch.as_tensor(adv.x_adv))
-        auc = {name: auroc(d.score_samples(f["test"]), d.score_samples(fa)) for name, d in (("last", last), ("full", full))}
-        rate = {name: d.predict(fa).mean() for name, d in (("last", last), ("full", full))}
+        auc = {name: auroc(d.score_samples(f["test"]), d.score_samples(fa)) for name, d in dets.items()}
+        rate = {name: d.predict(fa).mean() for name, d in dets.items()}
         assert auc["full"] > auc["last"] + gain and rate["full"] >= rate["last"], (eps, auc, rate)
 
 
