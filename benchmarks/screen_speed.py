@@ -39,7 +39,8 @@ def main() -> None:
 
     from csgguard import TrainConfig, load_dataset, train
     from csgguard.fitting import fit_detector
-    from csgguard.images import image_loader, list_images
+    from csgguard.images import image_loader
+    from csgguard.listing import list_inputs
     from csgguard.screening import Screener
 
     tmp = Path(tempfile.mkdtemp(prefix="csgguard-speed-"))
@@ -60,7 +61,7 @@ def main() -> None:
     for i in range(args.n):
         arr = (src[i % len(src)].numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
         Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)).save(folder / f"{i:06d}.png")
-    files = list_images([folder])
+    files = list_inputs([folder]).files
 
     def decode():
         return torch.cat([x for _, x, _, _ in image_loader(files, spec, batch_size=args.batch_size,

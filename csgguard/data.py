@@ -315,42 +315,37 @@ def _check_class_name(name: str, where: str) -> str:
     return name
 
 
-def _image_files(folder: Path, root: Path) -> list[Path]:
-    """Image files under ``folder``, sorted; refuses links leaving ``root``, loops and unreadable folders."""
-    import errno
+def _class_files(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """``(image file, label)`` for every class folder, sorted per class, through the one walker
+    (:mod:`csgguard.listing`).
+
+    Links may lead anywhere inside the dataset ``root`` (a class folder may link into a
+    sibling), nowhere outside it; a link that leaves, a loop, a broken link or a folder
+    that cannot be listed refuses the whole dataset, every such entry named in the one
+    error: a model must not silently learn from fewer files than the folder shows, nor
+    from files outside it.
+    """
+    from .listing import list_inputs
 
     real_root = os.path.realpath(root)
-    out: list[Path] = []
-    stack = [folder]
-    while stack:
-        d = stack.pop()
-        try:
-            with os.scandir(d) as it:
-                entries = list(it)
-        except OSError as exc:
-            raise DataError(f"{d}: cannot list folder ({exc.strerror or exc.__class__.__name__})") from None
-        for e in entries:
-            p = Path(e.path)
-            if e.is_symlink():
-                try:
-                    target = os.path.realpath(p, strict=True)
-                except OSError as exc:
-                    if exc.errno == errno.ELOOP:
-                        raise DataError(f"{p}: symlink loop") from None
-                    if p.suffix.lower() in IMAGE_SUFFIXES:
-                        raise DataError(f"{p}: broken symlink") from None
-                    continue
-                if target != real_root and not target.startswith(real_root.rstrip(os.sep) + os.sep):
-                    raise DataError(f"{p}: symlink leads outside the dataset folder {root} (-> {target}); "
-                                    "training data must live inside it (copy the files in)")
-                if os.path.isdir(target):
-                    continue  # a link to a folder inside the tree: its files are read under their real path
-            elif e.is_dir(follow_symlinks=False):
-                stack.append(p)
-                continue
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                out.append(p)
-    return sorted(out, key=lambda q: os.fsencode(q))
+    found, errors = [], []
+    for label, cls in enumerate(classes):
+        folder = root / cls
+        if not folder.is_dir():
+            continue
+        real = os.path.realpath(folder)
+        if not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            errors.append((str(folder), f"class folder is a symlink that leads outside {root} (-> {real})"))
+            continue
+        listing = list_inputs([folder], recursive=True, within=root, follow_hint=False)
+        errors += listing.errors
+        found += [(Path(path), label) for path in listing.files if os.path.isfile(path)]  # no FIFOs or devices
+    if errors:
+        shown = "; ".join(f"{path}: {error}" for path, error in errors[:3])
+        more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
+        raise DataError(f"{shown}{more} (training data must live inside the dataset folder {root}: "
+                        "copy the files in, or fix or remove these)")
+    return found
 
 
 def _scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, bytes, int]]]:
@@ -367,19 +362,11 @@ def _scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
     items = []
-    for label, cls in enumerate(classes):
-        folder = root / cls
-        if not folder.is_dir():
-            continue
-        real, real_root = os.path.realpath(folder), os.path.realpath(root)
-        if not real.startswith(real_root.rstrip(os.sep) + os.sep):
-            raise DataError(f"{folder}: class folder is a symlink that leads outside the dataset folder {root} "
-                            f"(-> {real}); training data must live inside it (copy the files in)")
-        for p in _image_files(folder, root):
-            try:
-                items.append((str(p), p.read_bytes(), label))
-            except OSError as exc:
-                raise DataError(f"{p}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    for p, label in _class_files(root, classes):
+        try:
+            items.append((str(p), p.read_bytes(), label))
+        except OSError as exc:
+            raise DataError(f"{p}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     if not items:
         raise DataError(f"{root}: image folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return classes, items

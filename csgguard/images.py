@@ -10,7 +10,7 @@ broken symlinks, names that are not UTF-8. Each file becomes exactly one result,
 either a [0, 1] tensor in the model's input format (with a note when it had to be
 converted) or a one-line error; one bad file never stops the run.
 
-File order is deterministic (sorted by the raw bytes of the path), so ``--shard I/N``
+File order is deterministic (:mod:`csgguard.listing` sorts by the raw bytes of the path), so ``--shard I/N``
 can split a listing into contiguous blocks whose concatenation is the whole run.
 Decoding runs in :class:`torch.utils.data.DataLoader` workers, one thread each,
 with bounded prefetch: memory stays constant however large the folder.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,42 +53,6 @@ class InputSpec:
                        str(spec.get("resize", "bilinear")))
         except (KeyError, TypeError, ValueError) as exc:
             raise CsgguardError(f"model.json 'input' section is incomplete ({exc})") from None
-
-
-def printable_path(path: str | bytes | os.PathLike) -> str:
-    """A path as printable text: bytes that are not UTF-8 become ``\\xNN`` escapes (never a crash)."""
-    raw = os.fsencode(path)
-    return raw.decode("utf-8", "backslashreplace")
-
-
-def _sort_key(path: str) -> bytes:
-    return os.fsencode(path)
-
-
-def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
-
-
-def list_images(paths: Iterable[str | os.PathLike], *, recursive: bool = False) -> list[str]:
-    """Every image file named by ``paths`` (files as given; folders by suffix), sorted, no duplicates.
-
-    Broken symlinks and unreadable entries with an image suffix are kept: they get an
-    error row rather than silently vanishing. A path that does not exist at all is a
-    usage error.
-    """
-    found: set[str] = set()
-    for p in paths:
-        p = os.fspath(p)
-        if not os.path.lexists(p):
-            raise CsgguardError(f"{printable_path(p)}: no such file or folder")
-        if os.path.isdir(p):
-            walker = os.walk(p) if recursive else [(p, [], [e.name for e in os.scandir(p) if not e.is_dir()])]
-            for folder, dirs, names in walker:
-                dirs.sort()
-                found.update(os.path.join(folder, n) for n in names if _is_image_name(n))
-        else:
-            found.add(p)
-    return sorted(found, key=_sort_key)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -5,28 +5,16 @@ detector's calibrated threshold (or an explicit one) decides the flag. Rows come
 as a generator in file order, so a million-image folder streams with constant
 memory; :class:`Screener` keeps the running summary.
 
-Listing (:func:`list_inputs`) is where hostile folders are met. Policy:
-
-* a file named on the command line is read as named (links included: you chose it);
-* inside a folder, a symlink is followed only when it stays inside that folder. A link
-  that leaves it (``x.png -> /etc/passwd``), a symlink loop and a broken link each get
-  an error row and are not read; ``--follow-symlinks`` reads links that leave the
-  folder (symlinked sub-folders are then descended with ``-r``, each real folder once);
-* a sub-folder that cannot be listed gets an error row (with ``-r``); without ``-r``
-  sub-folders are skipped and counted, and a folder with no images at its top level
-  but sub-folders is a usage error that suggests ``-r``;
-* rows hold the raw path (``os.fsdecode`` text: open() takes it back); every output
-  format shows it through :func:`csgguard.safetext.visible` (control bytes,
-  backslashes and non-UTF-8 bytes escaped), so no two files print the same.
+Files are listed by :func:`csgguard.listing.list_inputs`, where hostile folders are
+met (its docstring states the symlink policy); a file it refuses, or one that cannot be
+decoded, becomes an error row and the batch goes on.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,7 +23,8 @@ import torch
 from .devices import select_device
 from .errors import CsgguardError
 from .features import features_from_outputs
-from .images import IMAGE_SUFFIXES, ImageFiles, InputSpec, shard_files
+from .images import ImageFiles, InputSpec, shard_files
+from .listing import Listing, list_inputs
 from .models.store import LoadedModel, load_model
 
 ROW_FIELDS = ("path", "predicted_class", "confidence", "score", "flagged", "error", "converted")
@@ -187,119 +176,6 @@ def check_threshold(value: Any, name: str = "--threshold") -> float:
 
 
 MAX_THRESHOLD = 1e12
-
-
-# ----------------------------------------------------------------------------- listing
-
-@dataclass
-class Listing:
-    """What :func:`list_inputs` found: ``(path, error)`` entries sorted by raw bytes, and what it skipped."""
-
-    entries: list[tuple[str, str | None]] = field(default_factory=list)
-    skipped_subfolders: int = 0
-
-    @property
-    def files(self) -> list[str]:
-        return [p for p, e in self.entries if e is None]
-
-
-def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
-
-
-def _inside(target: str, root: str) -> bool:
-    return target == root or target.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _reason(exc: OSError) -> str:
-    if exc.errno == errno.EACCES or exc.errno == errno.EPERM:
-        return "permission denied"
-    if exc.errno == errno.ELOOP:
-        return "symlink loop"
-    return exc.strerror or exc.__class__.__name__
-
-
-def list_inputs(paths: Iterable[str | os.PathLike], *, recursive: bool = False,
-                follow_symlinks: bool = False) -> Listing:
-    """List the image files named by ``paths`` under the symlink policy of this module's docstring.
-
-    A path that does not exist at all is a usage error (:class:`CsgguardError`);
-    everything found inside folders becomes an entry, with an error when it must not
-    or cannot be read.
-    """
-    listing = Listing()
-    seen: dict[str, str | None] = {}
-
-    def add(path: str, error: str | None = None) -> None:
-        if path not in seen or (seen[path] is not None and error is None):
-            seen[path] = error
-
-    for given in paths:
-        p = os.fspath(given)
-        if isinstance(p, bytes):
-            p = os.fsdecode(p)
-        if not os.path.lexists(p):
-            raise CsgguardError(f"{p}: no such file or folder")
-        if not os.path.isdir(p):
-            add(p)
-            continue
-        root = os.path.realpath(p)
-        visited = {root}
-        stack = [p]
-        while stack:
-            folder = stack.pop()
-            try:
-                with os.scandir(folder) as it:
-                    found = list(it)
-            except OSError as exc:
-                add(folder, f"cannot list folder ({_reason(exc)})")
-                continue
-            for e in found:
-                full = e.path
-                image = _is_image_name(e.name)
-                try:
-                    link = e.is_symlink()
-                    if not link:
-                        if e.is_dir(follow_symlinks=False):
-                            if recursive:
-                                stack.append(full)
-                            else:
-                                listing.skipped_subfolders += 1
-                        elif image:
-                            add(full)
-                        continue
-                except OSError as exc:
-                    if image or recursive:
-                        add(full, f"cannot read ({_reason(exc)})")
-                    continue
-                try:
-                    target = os.path.realpath(full, strict=True)
-                except OSError as exc:
-                    if exc.errno == errno.ELOOP:
-                        add(full, "symlink loop; not read")
-                    elif image:
-                        add(full, "broken symlink")
-                    continue
-                is_dir = os.path.isdir(target)
-                outside = not _inside(target, root)
-                if is_dir:
-                    if not recursive:
-                        listing.skipped_subfolders += 1
-                    elif outside and not follow_symlinks:
-                        add(full, f"symlinked folder leads outside {p} (-> {target}); not followed "
-                                  "(--follow-symlinks descends it)")
-                    elif follow_symlinks and target not in visited:
-                        visited.add(target)
-                        stack.append(full)
-                    # a symlinked folder inside the tree: its files are listed under their real path
-                elif image:
-                    if outside and not follow_symlinks:
-                        add(full, f"symlink leads outside {p} (-> {target}); not read "
-                                  "(--follow-symlinks reads it)")
-                    else:
-                        add(full)
-    listing.entries = sorted(seen.items(), key=lambda kv: os.fsencode(kv[0]))
-    return listing
 
 
 def screen(paths: Iterable[str | os.PathLike], run_dir: str | os.PathLike = "runs/default", *,

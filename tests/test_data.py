@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import pickle
 import struct
 import tarfile
@@ -145,6 +146,25 @@ def test_empty_and_corrupt_image_folders(tmp_path):
         (tmp_path / "bad" / "dog" / f"b{i}.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match=r"^6 of \d+ images cannot be decoded .*b0\.jpg.*b1\.jpg.*and 3 more$"):
         load_imagefolder_dataset(tmp_path / "bad")
+
+
+def test_imagefolder_links_stay_inside_the_dataset_folder(tmp_path):
+    """Training lists files through the same walker as screening, bounded by the dataset root:
+    a link into a sibling class is read, links that leave, loops and a FIFO are never read."""
+    _tree(tmp_path / "imgs")
+    _tree(tmp_path / "foreign", classes=("x",))
+    os.symlink(tmp_path / "imgs" / "dog" / "0.png", tmp_path / "imgs" / "cat" / "alias.png")
+    os.mkfifo(tmp_path / "imgs" / "cat" / "pipe.png")  # reading it would block forever
+    ds = load_imagefolder_dataset(tmp_path / "imgs")
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 13
+    os.symlink(tmp_path / "foreign" / "x" / "0.png", tmp_path / "imgs" / "cat" / "out1.png")
+    os.symlink(tmp_path / "foreign" / "x", tmp_path / "imgs" / "dog" / "outdir")
+    os.symlink("loop.png", tmp_path / "imgs" / "dog" / "loop.png")
+    with pytest.raises(DataError) as err:
+        load_imagefolder_dataset(tmp_path / "imgs")
+    line = str(err.value)
+    assert "\n" not in line and "out1.png: symlink leads outside" in line and "outdir: symlinked folder" in line
+    assert "loop.png: symlink loop" in line and "--follow-symlinks" not in line  # training has no such option
 
 
 def test_unknown_dataset_name():
