@@ -86,7 +86,7 @@ KINDS = {
     "cifar10": lambda tmp: ("cifar10", str(_cifar_subset(tmp)),
                             dict(arch="small_cnn", width=16, epochs=3, train_limit=300, val_fraction=0.25,
                                  augment=False, optimizer="adam", lr=2e-3, csg_lr=2e-3, warmup=1,
-                                 lr_schedule="step")),
+                                 lr_schedule="step", swa_epochs=0)),  # not the 30 averaging epochs of the recipe
     # a relative path, trained in tmp and reopened from elsewhere: the run must record where it was
     "imagefolder": lambda tmp: (f"imagefolder:{_imagefolder(tmp).relative_to(tmp)}", None,
                                 dict(width=16, epochs=4, train_limit=100, val_fraction=0.2)),
