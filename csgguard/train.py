@@ -779,7 +779,10 @@ def _finish(cfg: TrainConfig, out: Path, trainer: Trainer, ds: Dataset, device: 
     elif best_state is None:  # no epoch met the density target: keep the last one, say so
         best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         best_epoch = cfg.epochs
-        say(f"[yellow]warning:[/] gate density never reached the target {cfg.density}; keeping the last epoch")
+        last = history[-1].get("gate_density") if history else None
+        reached = f" (last epoch {last:.4f})" if last is not None else ""
+        say(f"[yellow]warning:[/] gate density never reached the target {cfg.density}{reached}; keeping the last "
+            "epoch (more epochs, or a larger --lam, bring it down)")
     trainer.model.load_state_dict(best_state)
     test, feats, labels = trainer.evaluate("test")
     val, _, _ = trainer.evaluate("val")

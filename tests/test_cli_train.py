@@ -132,3 +132,14 @@ def test_resume_takes_the_interrupted_runs_own_settings(runner, tmp_path, monkey
     summary = json.loads(r.stdout)
     assert summary["epochs"] == 4
     assert json.loads((out / "model.json").read_text())["training"]["width"] == 16
+
+
+def test_a_density_target_never_reached_is_said_with_the_density_reached(runner, tmp_path):
+    """Three epochs cannot bring the gate to 2% density: the run keeps its last epoch and says how far it got."""
+    out = tmp_path / "run"
+    r = runner.invoke(main, ["train", "--out", str(out), "--epochs", "3", "--density", "0.02", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["best_epoch"] == 3 and summary["gate_density"] > 0.02
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["gate_density"]
+    assert f"never reached the target 0.02 (last epoch {last:.4f})" in r.stderr
