@@ -234,3 +234,30 @@ def test_averaged_batchnorm_is_estimated_on_images_augmented_as_in_training(monk
     first = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean.clone()
     again = trainer.averaged_network(limit=600)                               # reproducible
     assert torch.equal(first, next(m for m in again.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mis_is_scikit_learns_estimate(seed):
+    """MIS computes scikit-learn's mutual_info_classif by sorting: the same numbers, dead filters and
+    ties included, whenever every class has >= 8 samples (scikit-learn's own neighbour search is
+    then exact); below that within 0.01 (its brute-force distances round differently)."""
+    import numpy as np
+    from sklearn.feature_selection import mutual_info_classif
+
+    from csgguard.metrics import mutual_information_score
+
+    rng = np.random.default_rng(seed)
+    x = np.maximum(rng.standard_normal((600, 12)) + rng.standard_normal(12), 0) * rng.uniform(0.1, 5, 12)
+    x[:, 3] = 0.0                      # a dead filter
+    x[:, 5] = np.round(x[:, 5], 1)     # many ties
+    x[:, 7] = (np.arange(600) % 10) + rng.standard_normal(600) * 0.3  # a class-specific filter
+    for labels, classes, tol in ((np.arange(600) % 10, 10, 0.0),
+                                 (np.r_[np.zeros(2), np.ones(5), np.full(593, 2)].astype(int), 3, 0.01)):
+        want = np.stack([mutual_info_classif(x, (labels == c).astype(int), random_state=0)
+                         for c in range(classes)], 1).max(1).mean()
+        got = mutual_information_score(x, labels, classes)
+        assert abs(got - want) <= tol and (tol or got == want), (got, want)
+    shuffled = x.copy()
+    shuffled[:, 7] = rng.permutation(shuffled[:, 7])  # the class-specific filter is what lifts it
+    labels = np.arange(600) % 10
+    assert mutual_information_score(x, labels, 10) > mutual_information_score(shuffled, labels, 10) + 0.02
