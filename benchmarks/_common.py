@@ -51,3 +51,18 @@ def probe_parser(doc: str):
     ap.add_argument("--cache", default="runs/study/variants/cifar10-tail",
                     help="the development grid's cached adversarial sets (benchmarks/detector_variants.py)")
     return ap
+
+
+def correct_training_images(model, ds, limit: int):
+    """The first ``limit`` training images that ``model`` classifies correctly, and their features:
+    the clean population a probe's units come from (as every csgguard detector's fit)."""
+    import numpy as np
+    import torch
+
+    from csgguard.features import extract_features
+
+    train = ds.train.subset(np.arange(min(limit, len(ds.train))))
+    x = train.x()
+    feats = extract_features(model, x)
+    ok = np.flatnonzero(feats.pred == train.labels.numpy())
+    return x[torch.as_tensor(ok)], feats.subset(ok)

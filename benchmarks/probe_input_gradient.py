@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import print_table, probe_parser
+from _common import correct_training_images, print_table, probe_parser
 
 from csgguard import load_dataset, load_model
 from csgguard.attacks import run as run_attack
@@ -111,11 +111,7 @@ def main() -> None:
             cache.mkdir(parents=True, exist_ok=True)
             save_adversarial_set(path, advs[name])
 
-    train = ds.train.subset(np.arange(min(args.fit, len(ds.train))))
-    xt = train.x()
-    ft = extract_features(model, xt)
-    ok = np.flatnonzero(ft.pred == train.labels.numpy())
-    xt, ft = xt[torch.as_tensor(ok)], ft.subset(ok)
+    xt, ft = correct_training_images(model, ds, args.fit)
     st = gradient_statistics(model, xt)
     k = ds.num_classes
     units = {}

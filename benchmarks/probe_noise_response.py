@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import print_table, probe_parser
+from _common import correct_training_images, print_table, probe_parser
 
 from csgguard import load_dataset, load_model
 from csgguard.attacks import run as run_attack
@@ -103,11 +103,7 @@ def main() -> None:
             save_adversarial_set(path, run_attack(loaded, x, y, method, seed=0, progress=False, **kw))
             print(f"  {name}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
         advs[name] = load_adversarial_set(path).successful()
-    train = ds.train.subset(np.arange(min(args.fit, len(ds.train))))
-    xt = train.x()
-    ft = extract_features(model, xt)
-    ok = np.flatnonzero(ft.pred == train.labels.numpy())
-    xt, ft = xt[torch.as_tensor(ok)], ft.subset(ok)
+    xt, ft = correct_training_images(model, ds, args.fit)
     fc = extract_features(model, x)
     for sigma in sigmas:
         t = time.perf_counter()
