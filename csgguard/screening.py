@@ -7,7 +7,11 @@ memory; :class:`Screener` keeps the running summary.
 
 Files are listed by :func:`csgguard.listing.list_inputs`, where hostile folders are
 met (its docstring states the symlink policy); a file it refuses, or one that cannot be
-decoded, becomes an error row and the batch goes on.
+decoded, becomes an error row and the batch goes on. A folder with no images at its top
+level but sub-folders is a usage error that suggests ``-r``. Rows hold the raw path
+(``os.fsdecode`` text: open() takes it back); every output format shows it through
+:func:`csgguard.safetext.visible` (control bytes, backslashes and non-UTF-8 bytes escaped),
+so no two files print the same.
 """
 
 from __future__ import annotations
