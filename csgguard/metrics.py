@@ -21,9 +21,9 @@ def mutual_information_score(pooled: np.ndarray, labels: np.ndarray, num_classes
     scaling and its 1e-10 tie-breaking noise from ``seed``), computed by
     :func:`_mi_continuous_binary` with the one-dimensional neighbour search done by sorting:
     the same numbers (identical on every run measured, whenever each class has at least 8
-    samples, where scikit-learn's own neighbour search is exact) 5-8x faster, which every
-    ``csgguard train`` and ``inspect`` pays. At most ``max_samples`` held-out samples are used
-    (a fixed random subset).
+    samples, where scikit-learn's own neighbour search is exact), ~8.7x faster
+    (``benchmarks/mis_speed.py``), which every ``csgguard train`` and ``inspect`` pays. At most
+    ``max_samples`` held-out samples are used (a fixed random subset).
     """
     from sklearn.preprocessing import scale
 
