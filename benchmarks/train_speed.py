@@ -14,11 +14,17 @@ same uint8 images and on-tensor augmentation cost for both:
 
 Prints images/s for each and the ratio csgguard / bare (target <= 1.05) per precision,
 and whether this CPU runs bf16 natively (``csgguard.devices.bf16_native``).
+
+``--compile`` adds csgguard's trainer with ``train --compile`` (``torch.compile`` of the
+step, fixed shapes): its images/s after compilation, the speed-up over the eager trainer
+in the same process, and the seconds the first three (compiling) steps took, to set against
+the time saved per epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import time
@@ -55,7 +61,7 @@ def bare_loop(model, images, labels, steps, batch, amp, channels_last, gen) -> f
 
 def csgguard_steps(trainer, path, steps) -> float:
     seen, t0 = 0, None
-    for i, (x, y, _, _) in enumerate(trainer._batches()):
+    for i, (x, y, *_) in enumerate(trainer._batches()):
         if i == 2:
             t0, seen = time.perf_counter(), 0
         trainer._set_lr(0.5 + i / 1000)
@@ -74,6 +80,8 @@ def main() -> None:
     ap.add_argument("--data-root", required=True, help="CIFAR-10 root, e.g. ../shared/data/cifar10-jpeg")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--compile", action="store_true", help="also time the compiled trainer (train --compile)")
+    ap.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both")
     args = ap.parse_args()
 
     from csgguard.data import load_dataset
@@ -88,7 +96,9 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, native bf16: {bf16_native(cpu)}; CIFAR-10 (JPEG q75 copy), "
           f"ResNet-20, batch {args.batch_size}, {args.steps} timed steps")
     print(f"{'precision':<10}{'bare img/s':>12}{'csgguard STD':>14}{'csgguard CSG':>14}{'STD / bare':>12}{'CSG / bare':>12}")
-    for amp in (False, True):
+    amps = {"both": (False, True), "fp32": (False,), "bf16": (True,)}[args.precision]
+    compiled_rows = []
+    for amp in amps:
         cfg = TrainConfig(data="cifar10", gate=True, amp=amp, batch_size=args.batch_size).resolved()
         torch.manual_seed(0)
         bare = CSGNet(default_model_config(cfg, ds))
@@ -102,6 +112,25 @@ def main() -> None:
         # ratio of time per image: csgguard / bare (<= 1.05 is the target)
         print(f"{'bf16' if amp else 'fp32':<10}{bare_ips:>12.0f}{std_ips:>14.0f}{csg_ips:>14.0f}"
               f"{bare_ips / std_ips:>12.3f}{bare_ips / csg_ips:>12.3f}")
+        if args.compile:
+            torch.manual_seed(0)
+            tc = Trainer(dataclasses.replace(cfg, compile=True), ds, cpu)
+            row = [amp]
+            for path, eager_ips in (("std", std_ips), ("csg", csg_ips)):
+                t0 = time.perf_counter()
+                csgguard_steps(tc, path, 1)  # the first three steps: compilation happens in the first
+                warm = time.perf_counter() - t0
+                ips = csgguard_steps(tc, path, args.steps)
+                row += [ips, ips / eager_ips, warm]
+            compiled_rows.append(row)
+    if compiled_rows:
+        print("\ncompiled trainer (train --compile): images/s after compilation, speed-up over the eager "
+              "trainer above, seconds of the first three steps (compiling)")
+        print(f"{'precision':<10}{'STD img/s':>11}{'STD x':>8}{'STD warm s':>12}{'CSG img/s':>11}{'CSG x':>8}"
+              f"{'CSG warm s':>12}")
+        for amp, s_ips, s_x, s_w, c_ips, c_x, c_w in compiled_rows:
+            print(f"{'bf16' if amp else 'fp32':<10}{s_ips:>11.0f}{s_x:>8.2f}{s_w:>12.0f}{c_ips:>11.0f}{c_x:>8.2f}"
+                  f"{c_w:>12.0f}")
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    compile: bool = False                 # torch.compile the training steps (how a run trains, not what)
     val_fraction: float | None = None
     sync_bn: bool = False                 # SyncBatchNorm under torchrun (CUDA only)
     train_limit: int | None = None        # train on the first N training images only (smoke runs, benchmarks)
@@ -257,6 +258,10 @@ class Trainer:
         # what the training steps call: the model itself, or its DDP wrapper under torchrun
         # (a gated model's STD epochs leave the gate out of the graph: DDP must know)
         self.net = wrap_model(self.model, device, dist, find_unused=self.model.gate is not None)
+        if cfg.compile:
+            # fixed shapes: one graph per path and batch size (the last, smaller batch of an
+            # epoch gets its own); the module itself, its state_dict and checkpoints stay eager
+            self.net = torch.compile(self.net, dynamic=False)
         self.averaged: AveragedModel | None = None  # the running weight average (averaging phase only)
         self.soft_targets: torch.Tensor | None = None  # (N_train, C) teachers' targets (distillation only)
         self.gate_frozen = False                    # True in the averaging phase (see _set_lr)
@@ -407,6 +412,15 @@ class Trainer:
         teachers' targets for these images (distillation), read by the STD path's loss only;
         the CSG path learns the gate from the true classes whatever the teachers say.
         """
+        try:
+            return self._step(path, x, y, scale, soft)
+        except torch._dynamo.exc.TorchDynamoException as exc:  # only a compiled step raises these
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CsgguardError(f"--compile: torch.compile could not compile the training step "
+                                f"({type(exc).__name__}: {first}); rerun without --compile") from None
+
+    def _step(self, path: str, x: torch.Tensor, y: torch.Tensor, scale: float,
+              soft: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, model, net = self.cfg, self.model, self.net
         with autocast(self.device, cfg.amp):
             if path == "std":
@@ -574,7 +588,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs/default", *, resume: bool = 
 
 
 #: settings that say where a run trains, not what it trains: --resume may change them
-WHERE_NOT_WHAT = ("device", "data_root")
+WHERE_NOT_WHAT = ("device", "data_root", "compile")
 
 
 def checkpoint_config(out: str | Path, *, data_root: str | None = None, device: str = "auto") -> TrainConfig:
@@ -603,6 +617,7 @@ def _saved_config(settings: dict[str, Any], where: Path, *, data_root: str | Non
     cfg.milestones = tuple(cfg.milestones)
     cfg.teachers = tuple(cfg.teachers)
     cfg.device = device
+    cfg.compile = False  # how the saved run was stepped is not part of its recipe: the caller says
     if data_root is not None:
         cfg.data_root = data_root
     return cfg

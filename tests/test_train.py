@@ -61,6 +61,39 @@ def test_csg_step_keeps_gate_normalised():
     assert torch.allclose(g.amax(1), torch.ones(g.shape[0]))
 
 
+def test_compiled_steps_match_eager_steps():
+    """--compile must change how a step runs, not what it computes: the same seed, batches and
+    paths give the same losses and weights as the eager trainer, and the checkpointed module
+    keeps its own parameter names (no compiled wrapper's prefix)."""
+    from csgguard import load_dataset
+
+    ds = load_dataset("digits")
+    x, y = next(ds.train.batches(64))
+    trainers = [Trainer(TrainConfig(data="digits", compile=c).resolved(), ds, torch.device("cpu")) for c in (False, True)]
+    losses = [[float(tr.step(p, x, y)[0]) for p in ("std", "csg", "std", "csg")] for tr in trainers]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    eager, compiled = (tr.model.state_dict() for tr in trainers)
+    assert list(eager) == list(compiled)
+    assert all(torch.allclose(eager[k].float(), compiled[k].float(), atol=1e-4) for k in eager)
+    assert trainers[1].net is not trainers[1].model  # it really was compiled
+
+
+def test_a_step_torch_compile_cannot_compile_is_one_clear_error():
+    """No C++ compiler, an unsupported op: torch.compile's failure names --compile and the way out."""
+    from csgguard import load_dataset
+
+    ds = load_dataset("digits")
+    tr = Trainer(TrainConfig(data="digits").resolved(), ds, torch.device("cpu"))
+
+    def fails(*_a, **_k):
+        raise torch._dynamo.exc.TorchRuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+
+    tr.net = fails
+    x, y = next(ds.train.batches(8))
+    with pytest.raises(CsgguardError, match=r"^--compile: .*No working C\+\+ compiler found\); rerun without --compile$"):
+        tr.step("std", x, y)
+
+
 def test_augment_crops_flips_and_cuts_out_one_square_per_image():
     """The on-tensor CIFAR augmentation: crop + flip keep the images' content (a constant image
     stays constant away from the zero padding); cutout then sets one square of at most
@@ -142,7 +175,12 @@ def test_resume_with_other_settings_or_nothing_to_resume(tmp_path, monkeypatch):
     # a config saved before cutout existed (no key) reads as trained without it
     assert TrainConfig.from_dict({"data": "cifar10"}).cutout == 0
     assert (tmp_path / "part" / "checkpoint.safetensors").is_file()  # the refused resume kept the checkpoint
-    train(TrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)  # the same settings resume
+    # --compile says how steps run, not what they learn: a resume may add it (torch.compile is
+    # stubbed here; test_compiled_steps_match_eager_steps compiles for real)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(kw) or net)
+    train(TrainConfig(**cfg, compile=True), tmp_path / "part", resume=True, progress=False)  # the same recipe resumes
+    assert compiled == [{"dynamic": False}]
 
 
 def test_bad_config_values():
