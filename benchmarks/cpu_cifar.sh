@@ -15,6 +15,9 @@
 #       (the averaging epochs distil the runs listed in that file, one per line: into ...-swa30-lr0.1-kd14)
 #   KD=benchmarks/cifar10-teachers.txt EPOCHS=200 KINDS=csg bash benchmarks/cpu_cifar.sh
 #       (the default recipe, 200 + 30 epochs, distilling those runs from the first epoch: ...-csg-e200-kd14)
+#   EXTRA=--compile ... bash benchmarks/cpu_cifar.sh
+#       (torch.compile the training step: how a run is stepped, not what it learns, so a resumed run
+#       may add or drop it; 1.1-1.28x per step on an AVX2 host, benchmarks/results/train-speed-compile-avx2.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifar10-jpeg}

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -262,6 +263,8 @@ class Trainer:
             # fixed shapes: one graph per path and batch size (the last, smaller batch of an
             # epoch gets its own); the module itself, its state_dict and checkpoints stay eager
             self.net = torch.compile(self.net, dynamic=False)
+            if device.type != "cuda":  # inductor's C++ build looks for CUDA and warns that a CPU has none
+                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.averaged: AveragedModel | None = None  # the running weight average (averaging phase only)
         self.soft_targets: torch.Tensor | None = None  # (N_train, C) teachers' targets (distillation only)
         self.gate_frozen = False                    # True in the averaging phase (see _set_lr)
