@@ -590,7 +590,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs/default", *, resume: bool = 
         return _train(cfg, Path(out), device, ctx, resume=resume, extend=extend, progress=progress, log=log)
 
 
-#: settings that say where a run trains, not what it trains: --resume may change them
+#: settings that say where or how a run trains, not what it learns: --resume may change them
 WHERE_NOT_WHAT = ("device", "data_root", "compile")
 
 

@@ -107,7 +107,8 @@ def _describe_split(data: str) -> None:
 @click.option("--compile/--no-compile", "torch_compile", default=False, show_default=True,
               help="torch.compile the training step (needs a C++ compiler on CPU): the first steps of each "
                    "path and batch size wait for compilation (about a minute each), every later one runs "
-                   "faster (ResNet-20 on a 1-thread AVX2 CPU: 1.1-1.2x, benchmarks/train_speed.py). For "
+                   "faster (CIFAR-10 ResNet-20 on a 1-thread AVX2 CPU: about 1.13x per epoch; "
+                   "benchmarks/train_speed.py --compile). For "
                    "long runs; it changes how a run is stepped, not what it learns, so --resume may add or "
                    "drop it.")
 @click.option("--sync-bn", is_flag=True, help="Under torchrun: BatchNorm statistics over the global batch "
