@@ -96,10 +96,15 @@ class AttackSpec:
     def run(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | None = None,
             batch_size: int = 256, seed: int = 0, device: str | torch.device | None = None,
             progress: bool | None = None, index: np.ndarray | None = None, dataset: str | None = None,
-            model_sha256: str | None = None) -> AdversarialSet:
-        """Attack the correctly classified rows of ``x`` and return every row, masked."""
+            model_sha256: str | None = None, compile: bool = False) -> AdversarialSet:
+        """Attack the correctly classified rows of ``x`` and return every row, masked.
+
+        ``compile``: the attack's gradient steps run through ``torch.compile`` at one fixed batch
+        size (:mod:`csgguard.compiling`): faster on long attacks, about a minute of compiling first.
+        """
         import foolbox as fb
 
+        from ..compiling import FixedBatch, compile_errors, compile_module
         from ..devices import select_device
 
         x, y = _check_inputs(x, y)
@@ -113,16 +118,27 @@ class AttackSpec:
 
         was_training = model.training
         model.eval()
-        fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=dev)
         self.for_data(dataset, tuple(x.shape))
         attack = self.foolbox_attack()
         start = time.perf_counter()
+        # an attack needs gradients for its inputs only, but foolbox (through eagerpy) calls
+        # loss.backward(), which also computes every weight's gradient and adds it to .grad: the
+        # weights stop asking while the attack runs (the same input gradients, less work, the
+        # caller's .grad untouched; a compiled graph gains most, benchmarks/attack_compile.py)
+        frozen = [p for p in model.parameters() if p.requires_grad]
         try:
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            for param in frozen:
+                param.requires_grad_(False)
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), \
+                    compile_errors(f"the network {self.name} attacks"):
                 torch.manual_seed(seed)
                 pred = _predict(model, x, batch_size, dev)
                 attacked = pred == y
                 rows = torch.nonzero(attacked).flatten()
+                attacked_net = model
+                if compile and len(rows):  # every batch padded to the first one's size: one graph per grad mode
+                    attacked_net = FixedBatch(compile_module(model, dev), min(batch_size, len(rows))).eval()
+                fmodel = fb.PyTorchModel(attacked_net, bounds=(0, 1), device=dev)
                 x_adv, pred_adv, success = x.clone(), pred.clone(), torch.zeros_like(attacked)
                 with make_progress(progress) as bar:
                     task = bar.add_task(f"{self.name} {self.norm}", total=len(rows), info="")
@@ -136,6 +152,8 @@ class AttackSpec:
                         bar.update(task, info=f"success {int(success.sum())}/{s + len(r)}")
         finally:
             model.train(was_training)
+            for param in frozen:
+                param.requires_grad_(True)
         seconds = time.perf_counter() - start
 
         advset = AdversarialSet(x=x.numpy(), x_adv=x_adv.numpy(), y=y.numpy(), pred=pred.numpy(),

@@ -47,7 +47,8 @@ def make_attack(method: str | AttackSpec, **settings: Any) -> AttackSpec:
 def run(model: Any, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, method: str | AttackSpec = "pgd",
         *, eps: float | None = None, norm: str | None = None, steps: int | None = None, batch_size: int = 256,
         seed: int = 0, device: str | torch.device | None = None, progress: bool | None = None,
-        index: np.ndarray | None = None, dataset: str | None = None, **settings: Any) -> AdversarialSet:
+        index: np.ndarray | None = None, dataset: str | None = None, compile: bool = False,
+        **settings: Any) -> AdversarialSet:
     """Attack the inputs ``model`` classifies correctly and return an :class:`AdversarialSet`.
 
     ``model`` is a CSGNet, any torch classifier on [0, 1] inputs, or a
@@ -56,6 +57,7 @@ def run(model: Any, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, 
     giving it to a minimisation attack (cw, deepfool) is an error. Other keywords
     are the spec's settings, e.g. ``restarts=3`` for pgd or ``preset="thorough"`` for cw.
     Seeded: the same call returns the same arrays (the global RNG is left untouched).
+    ``compile=True`` runs the attack's steps through ``torch.compile`` (:mod:`csgguard.compiling`).
     """
     spec = make_attack(method, norm=norm, steps=steps, **settings)
     sha = getattr(model, "sha256", None)
@@ -63,14 +65,15 @@ def run(model: Any, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, 
     if not isinstance(net, torch.nn.Module):
         raise CsgguardError(f"model must be a torch.nn.Module or LoadedModel, got {type(model).__name__}")
     return spec.run(net, torch.as_tensor(x), torch.as_tensor(y), eps=eps, batch_size=batch_size, seed=seed,
-                    device=device, progress=progress, index=index, dataset=dataset, model_sha256=sha)
+                    device=device, progress=progress, index=index, dataset=dataset, model_sha256=sha,
+                    compile=compile)
 
 
 def attack_run_split(run_dir_or_loaded_model: Any, split: str = "test", method: str | AttackSpec = "pgd", *,
                      limit: int | None = None, data: str | None = None, data_root: str | os.PathLike | None = None,
                      eps: float | None = None, norm: str | None = None, steps: int | None = None,
                      batch_size: int = 256, seed: int = 0, device: str | torch.device | None = "auto",
-                     progress: bool | None = None, **settings: Any) -> AdversarialSet:
+                     progress: bool | None = None, compile: bool = False, **settings: Any) -> AdversarialSet:
     """Load a run's model and dataset, take ``split`` (first ``limit`` images) and :func:`run` on it.
 
     The data are the run's own splits (:func:`csgguard.runs.load_run_dataset`);
@@ -111,7 +114,7 @@ def attack_run_split(run_dir_or_loaded_model: Any, split: str = "test", method: 
         raise DataError(f"{data}: images are {tuple(part.images.shape[1:])} but the model in {loaded.run_dir} "
                         f"expects {expected}")
     advset = run(loaded, part.x(), part.labels, spec, eps=eps, batch_size=batch_size, seed=seed, device=dev,
-                 progress=progress, index=part.indices, dataset=data)
+                 progress=progress, index=part.indices, dataset=data, compile=compile)
     advset.meta.update({"run_dir": str(loaded.run_dir), "dataset": data, "split": split, "limit": limit})
     return advset
 

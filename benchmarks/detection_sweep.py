@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                          "'all': every detector with a differentiable score)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--compile", action="store_true",
+                    help="run the foolbox attacks' steps through torch.compile (evaluate(compile=True))")
     ap.add_argument("--out", default=None, help="also write the full report (report.md, curves) into this folder")
     ap.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="save the rows as JSON")
     args = ap.parse_args(argv)
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                        l2_eps=args.l2_eps, data_root=args.data_root, batch_size=args.batch_size,
                        detector_params=_detector_params(args.detector_params), adaptive_steps=args.adaptive_steps,
                        adaptive_targets=args.adaptive_targets, adaptive_eps=args.adaptive_eps,
-                       attack_settings=settings, progress=False, out=args.out, write=args.out is not None)
+                       attack_settings=settings, progress=False, out=args.out, write=args.out is not None,
+                       compile=args.compile)
     except CsgguardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -60,6 +60,7 @@ import torch
 
 from .errors import CsgguardError
 from .features import extract_features
+from .progress import log
 
 Surrogate = Callable[..., torch.Tensor]  # (logits, pooled, taps, *, inputs) -> score, higher = more adversarial
 
@@ -392,9 +393,13 @@ def adaptive_spec(method: str):
             self.steps, self.weights, self.detector = steps, tuple(float(w) for w in weights), detector
 
         def run(self, model, x, y, *, eps=None, batch_size=256, seed=0, device=None, progress=None, index=None,
-                dataset=None, model_sha256=None):
+                dataset=None, model_sha256=None, compile=False):
             from .attacks.base import _check_inputs
             from .detectors.store import load_detector
+
+            if compile:
+                log(f"note: {method} runs eager: --compile applies to foolbox's attacks, and this one reads "
+                    "the detector's signals through the whole forward pass")
 
             x, y = _check_inputs(x, y)
             eps = self.resolve_eps(eps, dataset=dataset, shape=tuple(x.shape))

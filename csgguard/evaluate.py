@@ -194,7 +194,7 @@ class _Harness:
         x, y = self.data[split]
         settings = {**self.s["attack_settings"].get(cell.method, {}), **self.s["attack_settings"].get(cell.attack, {})}
         kw = dict(seed=self.s["seed"], device=self.device, batch_size=self.s["batch_size"], progress=False,
-                  dataset=self.s["dataset"], **settings)
+                  dataset=self.s["dataset"], compile=self.s.get("compile", False), **settings)
         if cell.eps is not None:
             kw.update(eps=cell.eps, norm=cell.norm)
         t = time.perf_counter()
@@ -488,7 +488,8 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
              adaptive_weights: tuple[float, ...] = (0.5, 2.0, 8.0), progress: bool | None = None,
              attack_settings: dict[str, dict[str, Any]] | None = None, cross_fit: Sequence[str] | None = None,
              adaptive_targets: str | Sequence[str] | None = None,
-             adaptive_eps: float | str | Sequence[float] | None = None, write: bool = True) -> dict[str, Any]:
+             adaptive_eps: float | str | Sequence[float] | None = None, write: bool = True,
+             compile: bool = False) -> dict[str, Any]:
     """Run the protocol on ``run_dir`` (and ``compare_run``) over a budget sweep; write and return the report.
 
     ``eps`` / ``l2_eps``: the Linf / L2 budgets (a number, a list, or text like
@@ -506,6 +507,8 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
     images, so it can be run where it decides something and nowhere else.
     ``detector_params``: label -> parameters; a label that is no registered name is a
     variant whose ``"detector"`` entry names the base detector.
+    ``compile``: the foolbox attacks' steps run through ``torch.compile`` (:mod:`csgguard.compiling`;
+    the adaptive attack and the detectors stay eager).
     """
     t0 = time.perf_counter()
     attacks, detectors = _names(attacks, DEFAULT_ATTACKS), _names(detectors, DEFAULT_DETECTORS)
@@ -555,7 +558,7 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
                 "limit": limit, "seed": seed, "eps": list(linf), "l2_eps": list(l2), "cells": [c.id for c in cells],
                 "supervised_on": [c.id for c in fit_cells], "cross_fit": list(cross), "adaptive": adaptive,
                 "adaptive_eps": list(adaptive_budgets) if adaptive else [], "adaptive_targets": list(targets),
-                "batch_size": batch_size, "detector_params": detector_params,
+                "batch_size": batch_size, "compile": bool(compile), "detector_params": detector_params,
                 "dataset": ds.name, "attack_settings": attack_settings or {}, "adaptive_steps": adaptive_steps,
                 "adaptive_weights": list(adaptive_weights), "negatives": "all clean evaluation images",
                 "calibration": "Detector.calibrate on every clean calibration image (misclassified included), "

@@ -26,7 +26,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -47,6 +46,7 @@ from .artifacts import (
     to_jsonable,
     write_json,
 )
+from .compiling import compile_errors, compile_module
 from .data import Dataset, load_dataset
 from .devices import autocast, channels_last, select_device
 from .distill import distillation_loss, teacher_targets
@@ -262,9 +262,7 @@ class Trainer:
         if cfg.compile:
             # fixed shapes: one graph per path and batch size (the last, smaller batch of an
             # epoch gets its own); the module itself, its state_dict and checkpoints stay eager
-            self.net = torch.compile(self.net, dynamic=False)
-            if device.type != "cuda":  # inductor's C++ build looks for CUDA and warns that a CPU has none
-                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            self.net = compile_module(self.net, device)
         self.averaged: AveragedModel | None = None  # the running weight average (averaging phase only)
         self.soft_targets: torch.Tensor | None = None  # (N_train, C) teachers' targets (distillation only)
         self.gate_frozen = False                    # True in the averaging phase (see _set_lr)
@@ -415,12 +413,8 @@ class Trainer:
         teachers' targets for these images (distillation), read by the STD path's loss only;
         the CSG path learns the gate from the true classes whatever the teachers say.
         """
-        try:
+        with compile_errors("the training step"):
             return self._step(path, x, y, scale, soft)
-        except torch._dynamo.exc.TorchDynamoException as exc:  # only a compiled step raises these
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise CsgguardError(f"--compile: torch.compile could not compile the training step "
-                                f"({type(exc).__name__}: {first}); rerun without --compile") from None
 
     def _step(self, path: str, x: torch.Tensor, y: torch.Tensor, scale: float,
               soft: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -333,3 +334,65 @@ def test_cli_run_dir_without_model(tmp_path):
     result = CliRunner().invoke(main, ["attack", "--run", str(empty), "--out", str(tmp_path / "x.npz")])
     assert result.exit_code == 2 and "model.json" in result.output
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_fixed_batch_gives_the_networks_outputs_and_gradients():
+    """FixedBatch pads short batches and cuts long ones; the padding takes no part in any result."""
+    from csgguard.compiling import FixedBatch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).eval()
+    reference = copy.deepcopy(net)
+    seen = []
+    net.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    fixed = FixedBatch(net, 8)
+    for n in (1, 3, 8, 19):
+        x = torch.randn(n, 5, requires_grad=True)
+        out = fixed(x)
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+        x2 = x.detach().clone().requires_grad_(True)
+        ref = reference(x2)
+        (g2,) = torch.autograd.grad(ref.square().sum(), x2)
+        assert out.shape == (n, 3)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(g, g2)  # the padded copies of row 0 add nothing to its gradient
+    assert set(seen) == {8}  # every call the network saw had the one batch size
+    with pytest.raises(CsgguardError, match="size must be >= 1"):
+        FixedBatch(net, 0)
+
+
+def test_attack_with_compile_calls_the_compiled_network_at_one_batch_size(loaded, xy, monkeypatch):
+    """compile=True hands foolbox torch.compile's network (stubbed here: the real one is timed in
+    benchmarks/attack_compile.py), always at one batch size, and attacks the same images."""
+    x, y = xy[0][:40], xy[1][:40]
+    sizes = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, z):
+            sizes.append(len(z))
+            return self.net(z)
+
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: Recorder(net))
+    plain = run(loaded, x, y, "pgd", eps=0.1, steps=5, seed=3, batch_size=16)
+    compiled = run(loaded, x, y, "pgd", eps=0.1, steps=5, seed=3, batch_size=16, compile=True)
+    assert sizes and set(sizes) == {16}  # the last batch (40 = 16 + 16 + 8) was padded, not recompiled
+    np.testing.assert_array_equal(compiled.attacked, plain.attacked)
+    assert abs(int(compiled.success.sum()) - int(plain.success.sum())) <= 1
+
+
+def test_an_attack_leaves_the_models_weights_and_gradients_as_they_were(loaded, xy):
+    """Only the inputs' gradients are needed: the weights stop asking for theirs during the attack
+    (foolbox's loss.backward() would compute and accumulate them) and ask again afterwards."""
+    model = loaded.model
+    model.train()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(p.grad is None for p in model.parameters())
+    run(loaded, xy[0][:16], xy[1][:16], "pgd", eps=0.1, steps=3)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert all(p.grad is None for p in model.parameters())  # no weight gradient computed or kept
+    assert model.training  # the mode is restored too
+    model.eval()

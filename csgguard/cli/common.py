@@ -116,6 +116,14 @@ def progress_option(f):
                         help="Progress bars on stderr (default: only when stderr is a terminal).")(f)
 
 
+def compile_option(what: str, measured: str):
+    """``--compile/--no-compile`` (parameter ``torch_compile``): ``what`` runs through torch.compile."""
+    return click.option("--compile/--no-compile", "torch_compile", default=False, show_default=True,
+                        help=f"Run {what} through torch.compile at fixed shapes (needs a C++ compiler on CPU): "
+                             f"about a minute of compiling per shape first, faster steps after ({measured}). "
+                             "For long jobs; it changes how the arithmetic runs, not what it computes.")
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"

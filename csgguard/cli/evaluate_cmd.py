@@ -12,6 +12,7 @@ from . import main
 from .common import (
     NON_NEGATIVE_INT,
     POSITIVE_INT,
+    compile_option,
     device_option,
     emit_mapping,
     emit_rows,
@@ -74,10 +75,12 @@ def _names(value: str, what: str) -> tuple[str, ...]:
                    "gate_heatmap.png.")
 @click.option("--data-root", type=click.Path(), default=None, help="Dataset root, for mnist / cifar10 runs.")
 @device_option
+@compile_option("the foolbox attacks' steps", "CIFAR-10 ResNet-20 PGD on a 1-thread AVX2 CPU: "
+                "benchmarks/attack_compile.py; the adaptive attack and the detectors stay eager")
 @format_option(("table", "json"))
 @progress_option
 def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, l2_eps, supervised_on, adaptive,
-                     adaptive_eps, adaptive_targets, seed, out, data_root, device, fmt, progress):
+                     adaptive_eps, adaptive_targets, seed, out, data_root, device, torch_compile, fmt, progress):
     """Measure detection honestly: disjoint splits, one fixed threshold, a budget sweep, unseen and adaptive attacks.
 
     Splits the test data once into fit / calibration / evaluation parts, attacks the
@@ -117,7 +120,7 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
                               adaptive_targets=None if adaptive_targets is None
                               else _names(adaptive_targets, "adaptive-targets"),
                               eps=eps_list, l2_eps=l2_list, adaptive_eps=adaptive_list, data_root=data_root,
-                              progress=progress)
+                              progress=progress, compile=torch_compile)
     except BaseException:
         if created:  # a refused request (unknown name, too few images, other classes) leaves no empty folder
             with contextlib.suppress(OSError):

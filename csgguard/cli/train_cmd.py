@@ -12,6 +12,7 @@ from .common import (
     NON_NEGATIVE_INT,
     POSITIVE_INT,
     FiniteFloat,
+    compile_option,
     device_option,
     emit_mapping,
     format_option,
@@ -104,13 +105,8 @@ def _describe_split(data: str) -> None:
 @device_option
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (+ channels-last) where the device runs bf16 natively: CUDA, or a CPU "
                    "with AVX512-BF16/AMX; a no-op elsewhere.")
-@click.option("--compile/--no-compile", "torch_compile", default=False, show_default=True,
-              help="torch.compile the training step (needs a C++ compiler on CPU): the first steps of each "
-                   "path and batch size wait for compilation (about a minute each), every later one runs "
-                   "faster (CIFAR-10 ResNet-20 on a 1-thread AVX2 CPU: about 1.13x per epoch; "
-                   "benchmarks/train_speed.py --compile). For "
-                   "long runs; it changes how a run is stepped, not what it learns, so --resume may add or "
-                   "drop it.")
+@compile_option("the training step", "CIFAR-10 ResNet-20 on a 1-thread AVX2 CPU: about 1.13x per epoch, "
+                "benchmarks/train_speed.py --compile; --resume may add or drop it")
 @click.option("--sync-bn", is_flag=True, help="Under torchrun: BatchNorm statistics over the global batch "
                                               "(SyncBatchNorm, CUDA only).")
 @click.option("--train-limit", type=int, default=None,
