@@ -116,3 +116,14 @@ tar -C $RUNS -cf "$OUT/cifar_runs.tar" . 2>&1 | tee -a "$OUT/gpu.txt"
 # 3. speed figures on CUDA (CIFAR-10 ResNet-20); SKIP_SPEED=1 leaves them out (a second, shorter call)
 [ -n "${SKIP_SPEED:-}" ] && exit 0
 speed
+
+# 4. the detector's overhead with the screening pass compiled (`csgguard screen --compile`), on the
+#    shipped CIFAR-10 CSG run, per torch.compile mode (reduce-overhead adds CUDA graphs);
+#    SCREEN_COMPILE_MODES="" leaves it out
+for mode in ${SCREEN_COMPILE_MODES-default reduce-overhead}; do
+  timeout ${SCREEN_TIMEOUT:-150} $PY benchmarks/screen_speed.py --device "$DEVICE" \
+    --run csgguard/pretrained/cifar10-resnet20-csg --data-root "$DATA" --n 8192 --batch-size 256 \
+    --compile --compile-mode $mode --skip-end-to-end > "$OUT/screen_compile_$mode.log" 2>&1
+  echo "screen --compile ($mode) rc=$? after $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+  grep -E "overhead|compiled|compiling" "$OUT/screen_compile_$mode.log" | tee -a "$OUT/gpu.txt"
+done

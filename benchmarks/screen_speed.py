@@ -8,9 +8,16 @@ Prints, for one model and one folder of PNGs written by this script:
 * end to end      -- ``csgguard.screening.Screener.rows`` over the files (decode + forward + score)
 
 and the ratio (forward + score) / (bare forward): the detector's overhead, target <= 1.10.
+With ``--compile`` also the same two passes through torch.compile (``csgguard screen --compile``:
+the bare forward compiled alone, the forward with the score as one graph), at one batch size,
+timed in the same process after compiling: compiled scored / compiled bare is the detector's
+overhead when both sides are compiled, compiled scored / eager bare what a user gains over the
+eager classifier.
 
     OMP_NUM_THREADS=1 python benchmarks/screen_speed.py                      # trains a digits model
     python benchmarks/screen_speed.py --run runs/mnist --n 5000 --workers 2 --device cuda
+    OMP_NUM_THREADS=1 python benchmarks/screen_speed.py --run csgguard/pretrained/cifar10-resnet20-csg \
+        --data-root ../shared/data/cifar10-jpeg --compile --skip-end-to-end
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +41,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--data-root", default=None, help="the run's data (default: the root its training used)")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd passes")
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode for both compiled passes (reduce-overhead: CUDA graphs on a GPU)")
+    ap.add_argument("--skip-end-to-end", action="store_true", help="time decoded tensors only (no PNG decoding)")
     args = ap.parse_args()
 
     from PIL import Image
@@ -54,7 +67,7 @@ def main() -> None:
     spec, model, dev = screener.spec, screener.loaded.model, screener.device
 
     data = screener.loaded.manifest.get("dataset", {}).get("name", "digits")
-    ds = load_dataset(data, screener.loaded.manifest.get("training", {}).get("data_root"))
+    ds = load_dataset(data, args.data_root or screener.loaded.manifest.get("training", {}).get("data_root"))
     src = ds.test.x()
     folder = tmp / "images"
     folder.mkdir()
@@ -89,17 +102,54 @@ def main() -> None:
             pass
 
     bare(), scored()  # warm-up
-    t_dec, t_bare, t_score, t_e2e = (best_of(f, args.repeat) for f in (decode, bare, scored, end_to_end))
-    n = len(files)
+    timings = {"decode": decode, "bare forward": bare, "forward + score": scored}
+    if not args.skip_end_to_end:
+        timings["end to end"] = end_to_end
+    if args.compile:
+        from csgguard.compiling import FixedBatch, compile_module
+
+        fast = Screener(run, device=args.device, compile=args.compile_mode)
+        fast_net = FixedBatch(compile_module(model, dev, mode=None if args.compile_mode == "default"
+                                             else args.compile_mode), args.batch_size)
+        t0 = time.perf_counter()
+
+        @torch.no_grad()
+        def bare_compiled():
+            for b in batches:
+                fast_net(b)
+            sync()
+
+        def scored_compiled():
+            for b in batches:
+                fast.score_batch(b)
+            sync()
+
+        bare_compiled()
+        t1 = time.perf_counter()
+        scored_compiled()
+        t2 = time.perf_counter()
+        print(f"compiling ({args.compile_mode}): bare forward {t1 - t0:.0f} s, forward + score {t2 - t1:.0f} s",
+              flush=True)
+        timings.update({"bare forward, compiled": bare_compiled, "forward + score, compiled": scored_compiled})
+    t = {label: best_of(f, args.repeat) for label, f in timings.items()}
+    n = len(x)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"screen speed: {n} images {spec.height}x{spec.width}x{spec.channels}, detector "
-          f"{screener.detector.name}, batch {args.batch_size}, workers {args.workers}, device {name}")
-    for label, t in (("decode", t_dec), ("bare forward", t_bare), ("forward + score", t_score),
-                     ("end to end", t_e2e)):
-        print(f"  {label:16s} {n / t:12.0f} images/s   ({t * 1e3:8.1f} ms)")
-    print(f"  detector overhead ratio (forward + score) / bare forward = {t_score / t_bare:.3f}  (target <= 1.10)")
-    print(f"  end to end / bare forward = {t_e2e / t_bare:.2f}x the time (decode dominates: "
-          f"{t_dec / t_e2e:.0%} of end to end)")
+          f"{screener.detector.name}, batch {args.batch_size}, workers {args.workers}, device {name} "
+          f"({torch.backends.cpu.get_cpu_capability() if dev.type == 'cpu' else 'cuda'}), best of {args.repeat}")
+    for label, seconds in t.items():
+        print(f"  {label:26s} {n / seconds:12.0f} images/s   ({seconds * 1e3:8.1f} ms)")
+    print(f"  detector overhead ratio (forward + score) / bare forward = "
+          f"{t['forward + score'] / t['bare forward']:.3f}  (target <= 1.10)")
+    if args.compile:
+        print(f"  compiled: (forward + score) / bare forward, both compiled = "
+              f"{t['forward + score, compiled'] / t['bare forward, compiled']:.3f}  (target <= 1.10)")
+        print(f"  compiled (forward + score) / eager bare forward = "
+              f"{t['forward + score, compiled'] / t['bare forward']:.3f}; "
+              f"eager / compiled (forward + score) = {t['forward + score'] / t['forward + score, compiled']:.2f}x")
+    if "end to end" in t:
+        print(f"  end to end / bare forward = {t['end to end'] / t['bare forward']:.2f}x the time (decode dominates: "
+              f"{t['decode'] / t['end to end']:.0%} of end to end)")
     os.environ.get("KEEP") or __import__("shutil").rmtree(tmp, ignore_errors=True)
 
 

@@ -140,6 +140,13 @@ def class_quad(r: torch.Tensor, pred: torch.Tensor, precisions: torch.Tensor) ->
     """``quad`` with the predicted class's own precision (``precisions``: (C, K, K), or (1, K, K) tied)."""
     if precisions.shape[0] == 1:
         return quad(r, precisions[0])
+    if torch.compiler.is_compiling():
+        # torch.compile (``screen --compile``) needs shapes that do not hang on the predictions: every
+        # row through every class's precision, the predicted one kept (C times the flops of a (K, K)
+        # product per row, small beside the network; the same numbers up to float rounding)
+        rp = torch.einsum("nk,ckl->cnl", r, precisions)
+        rp = rp.gather(0, pred[None, :, None].expand(1, *r.shape))[0]
+        return (rp * r).sum(1).clamp_min(0.0)
     # rows grouped by class once (one gather, one scatter back) rather than masked per class
     order = torch.argsort(pred, stable=True)
     counts = torch.bincount(pred, minlength=precisions.shape[0]).tolist()
@@ -195,7 +202,7 @@ def component_matrix(arrays: dict[str, torch.Tensor], components: Sequence[str],
 
     for c in components:
         if c in ("taps", "taps-joint", "votes"):
-            n_taps = int(arrays["n_taps"].item())
+            n_taps = tap_count(arrays)
             if len(taps) < n_taps:
                 raise CsgguardError(f"the detector reads {n_taps} taps but the features carry {len(taps)} "
                                     "(features from an older csgguard or another model?)")
@@ -243,7 +250,7 @@ def score(arrays: dict[str, torch.Tensor], components: Sequence[str], combine: s
     """The ``csg-clean`` score (higher = more adversarial), in the arrays' dtype, differentiable in the inputs."""
     v = component_matrix(arrays, components, logits, pooled, taps)
     pred = logits.argmax(1)
-    names = expand(components, int(arrays["n_taps"].item()) if "taps" in components else 0)
+    names = expand(components, tap_count(arrays) if "taps" in components else 0)
     if combine == "zmax":
         return standardised(arrays, names, v, pred).max(1).values
     if combine in ("max", "sum"):
@@ -257,12 +264,13 @@ def score(arrays: dict[str, torch.Tensor], components: Sequence[str], combine: s
 def surprise(arrays: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     """(N, M) clean surprise ``-log P(Z >= z)`` per column, from the stored quantiles ``tail_q_`` (M, L)."""
     q, levels = arrays["tail_q_"], arrays["tail_s_"]                 # (M, L), (L,)
-    zt = z.t().contiguous()                                          # (M, N)
-    hi = torch.searchsorted(q, zt.detach()).clamp(1, q.shape[1] - 1)  # segment [hi-1, hi], ends extended
-    q0, q1 = q.gather(1, hi - 1), q.gather(1, hi)
+    # segment [hi-1, hi] with q[hi-1] < z <= q[hi], ends extended: searchsorted's index, counted by
+    # comparison so that a compiled score fuses it (L is small) and no transposed copy is needed
+    hi = (q < z.detach()[..., None]).sum(-1).clamp(1, q.shape[1] - 1)  # (N, M)
+    cols = torch.arange(q.shape[0], device=z.device)
+    q0, q1 = q[cols, hi - 1], q[cols, hi]
     s0, s1 = levels[hi - 1], levels[hi]
-    out = s0 + (zt - q0) * (s1 - s0) / (q1 - q0)
-    return out.clamp_min(0.0).t()
+    return (s0 + (z - q0) * (s1 - s0) / (q1 - q0)).clamp_min(0.0)
 
 
 def tail_table(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -280,9 +288,20 @@ def tail_table(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def to_torch(arrays: dict[str, np.ndarray], device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """The fitted arrays as tensors; their ``dtype`` is the arithmetic every score made from them runs in
-    (fitted in float64, cast once: the precision matrices are inverted before any rounding to float32)."""
-    return {k: torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64), device=device).to(dtype)
+    (fitted in float64, cast once: the precision matrices are inverted before any rounding to float32).
+    Counts (:data:`COUNTS`) become Python ints: they decide loops, and a compiled score must not
+    read a tensor's value to know its own shape."""
+    return {k: int(np.asarray(v).item()) if k in COUNTS else
+            torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64), device=device).to(dtype)
             for k, v in arrays.items()}
+
+
+COUNTS = ("n_taps",)
+
+
+def tap_count(arrays: dict) -> int:
+    """How many taps the fitted arrays read (numpy arrays, or :func:`to_torch`'s dict)."""
+    return int(np.asarray(arrays["n_taps"]).item()) if not isinstance(arrays["n_taps"], int) else arrays["n_taps"]
 
 
 def as_tensors(features, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -385,7 +404,7 @@ def anchor_units(arrays: dict[str, np.ndarray], components: Sequence[str], featu
     if len(features) < 2:
         raise CsgguardError(f"{len(features)} clean images are too few to measure the detector's units on")
     v = components_numpy(to_torch(arrays), components, features)
-    names = expand(components, int(np.asarray(arrays["n_taps"]).item()) if "taps" in components else 0)
+    names = expand(components, tap_count(arrays) if "taps" in components else 0)
     return {**arrays, **_unit_arrays(v, features.pred, len(arrays["means_"]), names)}
 
 

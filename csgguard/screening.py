@@ -24,12 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .compiling import FixedBatch, compile_errors, compile_module
 from .devices import select_device
 from .errors import CsgguardError
 from .features import features_from_outputs
 from .images import ImageFiles, InputSpec, shard_files
 from .listing import Listing, list_inputs
 from .models.store import LoadedModel, load_model
+
+#: torch.compile modes a :class:`Screener` accepts by name
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 ROW_FIELDS = ("path", "predicted_class", "confidence", "score", "flagged", "error", "converted")
 
@@ -42,10 +46,17 @@ class Screener:
     run_dir : run directory holding the model (and, by default, ``detector.json``).
     detector : a detector file (``.json``) or folder; default ``run_dir``.
     threshold : flag when ``score > threshold``; default the detector's calibrated ``threshold_``.
+    device : ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
+    compile : run the forward pass, and a device-scored detector's score with it, through
+        ``torch.compile`` at one batch size (about a minute of compiling first; the same
+        predictions and scores up to float rounding, so an image whose score sits within
+        rounding of the threshold may flag differently). For large folders. A string names
+        torch.compile's mode instead (``default``, ``reduce-overhead``: CUDA graphs on a GPU).
     """
 
     def __init__(self, run_dir: str | os.PathLike = "runs/default", *, detector: str | os.PathLike | None = None,
-                 threshold: float | None = None, device: str | torch.device = "auto") -> None:
+                 threshold: float | None = None, device: str | torch.device = "auto", compile: bool | str = False) -> None:
+        from .detectors.base import Detector
         from .detectors.store import load_detector
 
         self.device = select_device(device)
@@ -60,6 +71,13 @@ class Screener:
                                          "--threshold" if threshold is not None else "the detector's threshold")
         self.spec = InputSpec.from_manifest(self.loaded.input_spec)
         self.classes = self.loaded.classes
+        # a detector that scores the forward pass's tensors where they are is scored in the same pass
+        direct = not self.detector.needs_inputs and type(self.detector).score_signals is not Detector.score_signals
+        self.passes = _ScoredPass(self.loaded.model, self.detector if direct else None)
+        if isinstance(compile, str) and compile not in COMPILE_MODES:
+            raise CsgguardError(f"unknown compile mode {compile!r}; choose from {', '.join(COMPILE_MODES)}")
+        self.compile = compile
+        self._compiled: FixedBatch | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -71,20 +89,33 @@ class Screener:
 
         A detector that scores the forward pass's tensors where they are
         (:meth:`~csgguard.detectors.base.Detector.score_signals`) is scored on the device and
-        the three columns come back in one copy; any other goes through host features.
+        the three columns come back in one copy; any other goes through host features. With
+        ``compile``, the pass (and that score) runs compiled at the first batch's size.
         """
-        model = self.loaded.model
-        out = model.forward_signals(x.to(self.device, non_blocking=True))
-        prob = torch.softmax(out.logits.float(), 1).max(1)
-        direct = None if self.detector.needs_inputs else self.detector.score_signals(out.logits, out.pooled, out.taps)
-        if direct is not None:
-            # float64 holds every class index exactly; one device -> host copy per batch
-            block = torch.stack([prob.indices.double(), prob.values.double(), direct.double()]).cpu().numpy()
-            return block[0].astype(np.int64), block[1].astype(np.float32), block[2]
-        feats = features_from_outputs(model, out.logits, out.pooled, out.taps)
+        x = x.to(self.device, non_blocking=True)
+        if self.compile and self._compiled is None:
+            self._compile_for(len(x))
+        with compile_errors("the screening pass"):
+            out = (self._compiled or self.passes)(x)
+        if self.passes.detector is not None:
+            block = out.cpu().numpy()  # float64 holds every class index exactly; one copy per batch
+            return block[:, 0].astype(np.int64), block[:, 1].astype(np.float32), block[:, 2]
+        logits, pooled, *taps = out
+        prob = torch.softmax(logits.float(), 1).max(1)
+        feats = features_from_outputs(self.loaded.model, logits, pooled, tuple(taps))
         inputs = x if self.detector.needs_inputs else None
         scores = self.detector.score_samples(feats, inputs=inputs)
         return prob.indices.cpu().numpy(), prob.values.cpu().numpy(), scores
+
+    def _compile_for(self, batch_size: int) -> None:
+        """Compile the pass for batches of ``batch_size`` rows (shorter ones are padded to it).
+
+        One eager call first: whatever the pass builds on first use (the detector's arrays on the
+        device) then exists before tracing, so the compiled graph is one graph, not one per branch."""
+        with torch.no_grad():
+            self.passes(torch.zeros(1, self.spec.channels, self.spec.height, self.spec.width, device=self.device))
+        mode = None if self.compile in (True, "default") else self.compile
+        self._compiled = FixedBatch(compile_module(self.passes, self.device, mode=mode), batch_size)
 
     def rows(self, files: Sequence[str | tuple[str, str | None]], *, batch_size: int = 64, workers: int = 0,
              progress: bool | None = None) -> Iterator[dict[str, Any]]:
@@ -98,6 +129,8 @@ class Screener:
         entries = [(f, None) if isinstance(f, (str, bytes, os.PathLike)) else (f[0], f[1]) for f in files]
         if batch_size < 1:
             raise CsgguardError(f"--batch-size must be >= 1, got {batch_size}")
+        if self.compile and self._compiled is None:
+            self._compile_for(batch_size)  # every shard of a sharded run gets the same graph
         if workers < 0:
             raise CsgguardError(f"--workers must be >= 0, got {workers}")
         loader = torch.utils.data.DataLoader(
@@ -137,6 +170,29 @@ class Screener:
         s["scored"] += row["error"] is None
         s["flagged"] += bool(row["flagged"])
         s["converted"] += row["converted"] is not None
+
+
+class _ScoredPass(torch.nn.Module):
+    """One screening pass as one module, so that ``torch.compile`` can take it whole.
+
+    With a ``detector`` that scores on the device: an (N, 3) float64 block of predicted index,
+    softmax confidence and score (on a GPU the score's ~90 small operations cost a batch of 256
+    more than the network itself when run one by one; compiled, they fuse). Without one: the
+    forward pass's tensors ``(logits, pooled, *taps)`` for the host features.
+    """
+
+    def __init__(self, model: torch.nn.Module, detector=None) -> None:
+        super().__init__()
+        self.model = model
+        self.detector = detector  # not a module: its arrays are constants of the pass
+
+    def forward(self, x: torch.Tensor):
+        out = self.model.forward_signals(x)
+        if self.detector is None:
+            return (out.logits, out.pooled, *out.taps)
+        prob = torch.softmax(out.logits.float(), 1).max(1)
+        score = self.detector.score_signals(out.logits, out.pooled, out.taps)
+        return torch.stack([prob.indices.double(), prob.values.double(), score.double()], 1)
 
 
 class _ListedImages(torch.utils.data.Dataset):
@@ -185,8 +241,8 @@ MAX_THRESHOLD = 1e12
 def screen(paths: Iterable[str | os.PathLike], run_dir: str | os.PathLike = "runs/default", *,
            detector: str | os.PathLike | None = None, threshold: float | None = None, recursive: bool = False,
            follow_symlinks: bool = False, batch_size: int = 64, workers: int = 0,
-           shard: tuple[int, int] | None = None, device: str = "auto", progress: bool | None = None
-           ) -> tuple[Screener, Iterator[dict[str, Any]]]:
+           shard: tuple[int, int] | None = None, device: str = "auto", progress: bool | None = None,
+           compile: bool | str = False) -> tuple[Screener, Iterator[dict[str, Any]]]:
     """List, shard and screen ``paths``; return the screener (for its summary) and the row generator.
 
     Everything that can be checked is checked before the model is loaded: the paths
@@ -205,7 +261,7 @@ def screen(paths: Iterable[str | os.PathLike], run_dir: str | os.PathLike = "run
         names = ", ".join(os.fspath(p) if isinstance(os.fspath(p), str) else os.fsdecode(p) for p in paths)
         raise CsgguardError(f"{names}: no image files at the top level; {listing.skipped_subfolders} sub-folder(s) "
                             "not searched (pass -r / --recursive to descend)")
-    screener = Screener(run_dir, detector=detector, threshold=threshold, device=device)
+    screener = Screener(run_dir, detector=detector, threshold=threshold, device=device, compile=compile)
     entries = shard_files(listing.entries, shard, batch_size)
     screener.summary["shard"] = None if shard is None else f"{shard[0]}/{shard[1]}"
     screener.summary["skipped_subfolders"] = listing.skipped_subfolders

@@ -360,6 +360,14 @@ def test_fixed_batch_gives_the_networks_outputs_and_gradients():
     with pytest.raises(CsgguardError, match="size must be >= 1"):
         FixedBatch(net, 0)
 
+    # a network with several outputs (a screener's forward pass): each output cut and joined alike
+    pair = FixedBatch(lambda x: (net(x), x.sum(1)), 8)
+    for n in (3, 8, 19):
+        x = torch.randn(n, 5)
+        out, total = pair(x)
+        torch.testing.assert_close(out, reference(x))
+        torch.testing.assert_close(total, x.sum(1))
+
 
 def test_attack_with_compile_calls_the_compiled_network_at_one_batch_size(loaded, xy, monkeypatch):
     """compile=True hands foolbox torch.compile's network (stubbed here: the real one is timed in

@@ -369,3 +369,36 @@ def test_votes_component_fits_saves_and_scores_in_torch(tmp_path, csg, csg_adv):
     with pytest.raises(CsgguardError, match="taps"):
         GateCleanDetector(components="votes").fit(Features(f["train"].logits, f["train"].pooled, f["train"].gate,
                                                            f["train"].fc_weight, f["train"].fc_bias))
+
+
+def test_surprise_segments_are_searchsorteds(csg):
+    """The surprise table's segment is found by counting (so a compiled score fuses it): it must be the
+    segment torch.searchsorted finds, inside the table, beyond both ends, and on its knots."""
+    _, _, f = csg
+    det = GateCleanDetector().fit(f["train"])
+    arrays = det._tensors()
+    q, levels = arrays["tail_q_"], arrays["tail_s_"]
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = q.min().item() - 5, q.max().item() + 5
+    z = torch.rand(300, q.shape[0], generator=gen, dtype=torch.float64) * (hi - lo) + lo
+    z[:10] = q[:, 7]  # exactly on a knot
+    idx = torch.searchsorted(q, z.t().contiguous()).clamp(1, q.shape[1] - 1)
+    q0, q1 = q.gather(1, idx - 1), q.gather(1, idx)
+    ref = (levels[idx - 1] + (z.t() - q0) * (levels[idx] - levels[idx - 1]) / (q1 - q0)).clamp_min(0.0).t()
+    torch.testing.assert_close(S.surprise(arrays, z), ref, rtol=0, atol=0)
+
+
+def test_class_quad_compiled_form_is_the_grouped_one(csg, monkeypatch):
+    """Under torch.compile the per-class quadratic form runs every row through every class's precision
+    (shapes that do not hang on the predictions); it must give the grouped form's numbers."""
+    _, _, f = csg
+    det = GateCleanDetector().fit(f["train"])
+    prec = det._tensors()["class_precision_"]
+    gen = torch.Generator().manual_seed(1)
+    r = torch.randn(57, prec.shape[1], generator=gen, dtype=torch.float64)
+    pred = torch.randint(0, prec.shape[0], (57,), generator=gen)
+    pred[:5] = 2  # some classes repeat, some may be absent
+    grouped = S.class_quad(r, pred, prec)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    dense = S.class_quad(r, pred, prec)
+    torch.testing.assert_close(dense, grouped, rtol=1e-10, atol=1e-10)
