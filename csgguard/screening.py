@@ -114,7 +114,11 @@ class Screener:
         device) then exists before tracing, so the compiled graph is one graph, not one per branch."""
         with torch.no_grad():
             self.passes(torch.zeros(1, self.spec.channels, self.spec.height, self.spec.width, device=self.device))
+        from .progress import log
+
         mode = None if self.compile in (True, "default") else self.compile
+        log(f"--compile: the screening pass compiles for batches of {batch_size} on the first batch "
+            "(about a minute the first time, seconds once torch's cache holds it)")
         self._compiled = FixedBatch(compile_module(self.passes, self.device, mode=mode), batch_size)
 
     def rows(self, files: Sequence[str | tuple[str, str | None]], *, batch_size: int = 64, workers: int = 0,
