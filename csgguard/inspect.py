@@ -7,10 +7,12 @@ from typing import Any
 
 import numpy as np
 
+from .artifacts import check_output_file
 from .metrics import split_features, split_metrics
 from .models.store import load_model
 from .report import write_heatmap
 from .runs import load_run_dataset
+from .shipped import shipped_name
 
 
 def filters_per_class(gate: np.ndarray, classes: list[str], threshold: float = 0.5) -> dict[str, list[int]]:
@@ -24,6 +26,12 @@ def inspect_run(run_dir: str | Path, *, data_root: str | None = None, split: str
 
     where = select_device(device)  # an absent accelerator is an error before anything is read
     loaded = load_model(run_dir)
+    heatmap_path = None
+    if loaded.model.gate is not None:
+        # a shipped run already holds its heatmap, and its folder is part of the package: not rewritten
+        heatmap_path = heatmap or (None if shipped_name(run_dir) else Path(run_dir) / "gate_heatmap.png")
+        if heatmap_path is not None:  # writable, before the forward pass
+            check_output_file(heatmap_path, "--heatmap" if heatmap else "the heatmap (RUN/gate_heatmap.png)")
     loaded.model.to(where)  # the one forward pass over the split runs where the user says
     ds = load_run_dataset(loaded, data_root=data_root)
     feats, labels = split_features(loaded, ds, split)  # the one forward pass
@@ -36,9 +44,12 @@ def inspect_run(run_dir: str | Path, *, data_root: str | None = None, split: str
         gate = model.gate.weight.detach().cpu().numpy()
         report["filters_per_class"] = filters_per_class(gate, classes)
         report["filters_shared"] = int(((gate >= 0.5).sum(1) > 1).sum())
-        path = heatmap or Path(run_dir) / "gate_heatmap.png"
-        report["heatmap"] = str(write_heatmap(gate, classes, path, f"CSG gate ({loaded.config.arch}, "
-                                              f"density {ev['gate_density']:.3f})"))
+        if heatmap_path is not None:
+            report["heatmap"] = str(write_heatmap(gate, classes, heatmap_path, f"CSG gate ({loaded.config.arch}, "
+                                                  f"density {ev['gate_density']:.3f})"))
+        else:
+            shipped = Path(run_dir) / "gate_heatmap.png"
+            report["heatmap"] = str(shipped) if shipped.is_file() else None
     else:
         means = np.stack([feats.pooled[labels == c].mean(0) for c in range(len(classes))], 1)
         owner = means.argmax(1)

@@ -35,3 +35,26 @@ def resolve_run(run_dir: str | Path) -> Path:
         if parts[-1] in pretrained_runs():
             return shipped
     return path
+
+
+def shipped_name(run_dir: str | Path) -> str | None:
+    """The name of the shipped run ``run_dir`` is (its folder inside the package), else ``None``.
+
+    Commands whose default output goes inside the run (``fit``'s detector, ``attack``'s sets,
+    ``evaluate``'s report, ``inspect``'s heatmap) ask this first: a shipped run's folder is part
+    of the installed package, and a detector written there would silently become what every later
+    ``screen --run NAME`` uses."""
+    path = Path(run_dir).resolve()
+    if path.parent == PRETRAINED_DIR and not path.name.startswith("."):  # ".NAME.*": ship_run's work copy
+        return path.name
+    return None
+
+
+def refuse_shipped_output(run_dir: str | Path, option: str) -> None:
+    """A clear error when a command would write its default output into a shipped run."""
+    from .errors import CsgguardError
+
+    name = shipped_name(run_dir)
+    if name is not None:
+        raise CsgguardError(f"{name} is a run shipped inside csgguard, and its folder is part of the installed "
+                            f"package: pass {option} to write elsewhere")

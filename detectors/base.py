@@ -133,7 +133,15 @@ class Detector(BaseEstimator):
 
     def score_samples(self, features: Features, *, inputs=None) -> np.ndarray:
         self._check_fitted()
+        k, c = self._fitted_shape()
+        if (k is not None and k != features.num_filters) or (c is not None and c != features.num_classes):
+            raise CsgguardError(f"{self.name}: features have K={features.num_filters}, C={features.num_classes} "
+                                f"but the detector was fitted for K={k}, C={c} (another model?)")
         return np.asarray(self._score(features, inputs=inputs), dtype=np.float64)
+
+    def _fitted_shape(self) -> tuple[int | None, int | None]:
+        """(K filters, C classes) the fitted arrays read, where they say (``None``: not stated)."""
+        return None, None
 
     def score_signals(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor | None:
         """The score straight from one forward pass's tensors, on their device, or ``None``.
@@ -187,6 +195,31 @@ class Detector(BaseEstimator):
 
     def _load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def check_array_shapes(arrays: dict[str, np.ndarray], expected: dict[str, tuple[int | str, ...]]) -> dict[str, int]:
+    """Each named array has the expected shape: an int is a fixed size, a letter a size every array
+    that names it must share (``K`` filters, ``C`` classes ...). Returns the letters' sizes.
+
+    A loaded detector's arrays are checked against each other, so that a file whose arrays are hash-
+    valid but do not fit together is refused on loading, naming the array, instead of failing inside
+    numpy or scikit-learn on the first image it scores."""
+    sizes: dict[str, int] = {}
+    for key, dims in expected.items():
+        if key not in arrays:
+            raise CsgguardError(f"detector state lacks array {key}")
+        shape = np.shape(arrays[key])
+        ok = len(shape) == len(dims)
+        for got, want in zip(shape, dims, strict=False):
+            if isinstance(want, str):
+                ok = ok and sizes.setdefault(want, got) == got
+            else:
+                ok = ok and got == want
+        if not ok or 0 in shape:
+            named = "(" + ", ".join(f"{d}={sizes[d]}" if isinstance(d, str) and d in sizes else str(d)
+                                    for d in dims) + ")"
+            raise CsgguardError(f"array {key} has shape {shape}, expected {named}")
+    return sizes
 
 
 def stratified_folds(pred: np.ndarray, n_folds: int, rng: np.random.Generator) -> np.ndarray:

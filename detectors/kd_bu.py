@@ -8,8 +8,9 @@
 * BU: Monte-Carlo dropout variance of the softmax. This backbone has no dropout,
   so -- our documented choice -- dropout (rate ``dropout``) is applied to the pooled
   features in front of the linear classifier, in ``passes`` stochastic passes of the
-  fc layer only (numpy, no extra backbone pass). The random masks are seeded, so a
-  score is reproducible.
+  fc layer only (numpy, no extra backbone pass). The masks are seeded and drawn once per
+  pass for all inputs alike (one dropout sub-network per pass), so an input's score is
+  reproducible and never depends on which other inputs share its batch.
 * A logistic regression on the standardised (log KD, BU) pair separates clean from
   adversarial fit samples (supervised, as in the paper; the one scikit-learn
   pipeline of :mod:`csgguard.detectors.logistic`). Kernel sums use SciPy's
@@ -27,7 +28,7 @@ from sklearn.utils._param_validation import Interval
 
 from ..errors import CsgguardError
 from ..features import Features
-from .base import Detector
+from .base import Detector, check_array_shapes
 from .logistic import fit_logistic_pipeline, load_pipeline_arrays, logistic_decision
 
 
@@ -82,8 +83,9 @@ class KDBUDetector(Detector):
         keep = 1.0 - self.dropout
         sq_sum = np.zeros(len(a))
         mean = np.zeros((len(a), len(b)))
-        for _ in range(self.passes):
-            mask = rng.random(a.shape) < keep
+        # one mask per pass over the K features, the same for every row: a row's score is its own
+        masks = rng.random((self.passes, a.shape[1])) < keep
+        for mask in masks:
             p = softmax((a * mask / keep) @ w.T + b, axis=-1)
             sq_sum += (p * p).sum(1)
             mean += p
@@ -146,12 +148,18 @@ class KDBUDetector(Detector):
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:
         return logistic_decision(self.lr_, self._signals(features))
 
+    def _fitted_shape(self) -> tuple[int | None, int | None]:
+        return self.ref_.shape[1], None
+
     # -- persistence ----------------------------------------------------------
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return ({"feat_mean": self.feat_mean_, "feat_scale": self.feat_scale_, "ref": self.ref_,
                  "ref_class": self.ref_class_, **self.lr_}, {"bandwidth_": self.bandwidth_})
 
     def _load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        # (log KD, BU) feed the logistic regression
+        check_array_shapes(arrays, {"feat_mean": ("K",), "feat_scale": ("K",), "ref": ("N", "K"), "ref_class": ("N",),
+                                    "lr_mean": (2,), "lr_scale": (2,), "lr_coef": (2,), "lr_intercept": (1,)})
         self.feat_mean_ = np.asarray(arrays["feat_mean"], np.float64)
         self.feat_scale_ = np.asarray(arrays["feat_scale"], np.float64)
         self.ref_ = np.asarray(arrays["ref"], np.float64)

@@ -25,7 +25,7 @@ from sklearn.utils._param_validation import Interval
 
 from ..errors import CsgguardError
 from ..features import Features
-from .base import Detector
+from .base import Detector, check_array_shapes
 from .logistic import fit_logistic_pipeline, load_pipeline_arrays, logistic_decision
 
 
@@ -97,10 +97,16 @@ class LIDDetector(Detector):
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:
         return logistic_decision(self.lr_, self._lids(features))
 
+    def _fitted_shape(self) -> tuple[int | None, int | None]:
+        return self.ref_pooled_.shape[1], self.ref_logits_.shape[1]
+
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return {"ref_pooled": self.ref_pooled_, "ref_logits": self.ref_logits_, **self.lr_}, {}
 
     def _load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        # one LID per reference layer (pooled, logits) feeds the logistic regression
+        check_array_shapes(arrays, {"ref_pooled": ("N", "K"), "ref_logits": ("N", "C"), "lr_mean": (2,),
+                                    "lr_scale": (2,), "lr_coef": (2,), "lr_intercept": (1,)})
         self.ref_pooled_ = np.asarray(arrays["ref_pooled"], np.float64)
         self.ref_logits_ = np.asarray(arrays["ref_logits"], np.float64)
         self.lr_ = load_pipeline_arrays(arrays)

@@ -28,7 +28,7 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..features import Features
-from .base import Detector
+from .base import Detector, check_array_shapes
 
 
 class _NoiseNeedsInputs:
@@ -127,10 +127,14 @@ class MahalanobisDetector(Detector):
                 out.append(model.forward_signals(x2).pooled.double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, features.num_filters))
 
+    def _fitted_shape(self) -> tuple[int | None, int | None]:
+        return self.precision_.shape[0], self.means_.shape[0]
+
     # -- persistence --------------------------------------------------------
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return {"means": self.means_, "precision": self.precision_}, {}
 
     def _load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        check_array_shapes(arrays, {"means": ("C", "K"), "precision": ("K", "K")})
         self.means_ = np.asarray(arrays["means"], dtype=np.float64)
         self.precision_ = np.asarray(arrays["precision"], dtype=np.float64)

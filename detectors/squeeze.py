@@ -67,18 +67,32 @@ class FeatureSqueezingDetector(Detector):
         out += [(f"median{k}x{k}", lambda x, k=k: median_smooth(x, k)) for k in self.median]
         return out
 
-    def _fit(self, clean: Features, adversarial, *, inputs=None, adversarial_inputs=None) -> None:
+    def validate_params(self) -> None:
+        super().validate_params()
         if any(isinstance(k, bool) or not isinstance(k, Integral) or k < 2 for k in self.median):
             raise CsgguardError(f"feature-squeezing median sizes must be integers >= 2, got {self.median!r}")
         if self.bits == 0 and not len(self.median):
             raise CsgguardError("feature-squeezing needs a squeezer: bits=0 and no median size leave none")
+
+    def _fit(self, clean: Features, adversarial, *, inputs=None, adversarial_inputs=None) -> None:
+        self.validate_params()
+        if inputs is not None:
+            self._check_window(np.shape(inputs))
         self.num_classes_ = clean.num_classes  # nothing to learn
+
+    def _check_window(self, shape: tuple[int, ...]) -> None:
+        """A median window fits the images (its reflect padding needs them wider than half of it)."""
+        h, w = shape[-2:]
+        if len(self.median) and max(self.median) > min(h, w):
+            raise CsgguardError(f"feature-squeezing median size {max(self.median)} is larger than the "
+                                f"{h}x{w} images; choose sizes up to {min(h, w)}")
 
     @torch.no_grad()
     def _score(self, features: Features, *, inputs=None) -> np.ndarray:
         model = self._bound_model(inputs, "feature-squeezing")
         device = next(model.parameters()).device
         x_all = torch.as_tensor(inputs)
+        self._check_window(tuple(x_all.shape))
         squeezers = self.squeezers(int(x_all.shape[1]))
         out = []
         for s in range(0, len(x_all), self.batch_size):
@@ -92,4 +106,5 @@ class FeatureSqueezingDetector(Detector):
         return {}, {"num_classes_": int(self.num_classes_)}
 
     def _load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        self.validate_params()  # a file's squeezers are checked as a user's would be
         self.num_classes_ = int(extra.get("num_classes_", 0))

@@ -144,6 +144,9 @@ def load_detector(path: str | os.PathLike, *, model_sha256: str | None) -> Detec
     arrays_info = manifest["arrays"]
     if not isinstance(arrays_info, dict) or not arrays_info.get("sha256"):
         raise ArtifactError(f"{manifest_path}: detector manifest has no arrays sha256; refusing to load")
+    if not isinstance(arrays_info["sha256"], str):
+        raise ArtifactError(f"{manifest_path}: arrays sha256 {arrays_info['sha256']!r} is not a hex digest; "
+                            "refusing to load")
     name = Path(str(arrays_info.get("file", ARRAYS_FILE))).name  # never leave the manifest's folder
     tensors, meta = load_tensors(manifest_path.parent / name, arrays_info["sha256"], with_metadata=True)
     if "manifest" in meta:

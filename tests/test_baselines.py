@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -58,6 +59,40 @@ def test_array_baseline_fit_score_roundtrip(name, params):
     assert det2.threshold_ == det.threshold_
 
 
+@pytest.mark.parametrize("name,params", [("mahalanobis", {}), ("lid", {"k": 10}), ("kd-bu", {"passes": 20})])
+def test_array_baseline_score_is_the_inputs_own(name, params):
+    """Screening scores a folder batch by batch: an input's score must not depend on which other
+    inputs share its batch, nor on its place in it (kd-bu's dropout masks once drew per row)."""
+    rng = np.random.default_rng(4)
+    det = build_detector(name, **params)
+    det.fit(_features(300, rng), _features(200, rng, adversarial=True) if det.supervised else None)
+    test = _features(60, rng, adversarial=True)
+    whole = det.score_samples(test)
+    for rows in ([0], [7], [3, 2, 1], list(range(10, 60, 4)), list(range(59, -1, -1))):
+        np.testing.assert_allclose(det.score_samples(test.subset(np.array(rows))), whole[rows], rtol=1e-9,
+                                   atol=1e-9)
+
+
+@pytest.mark.parametrize("name,cut", [("mahalanobis", "means"), ("mahalanobis", "precision"), ("lid", "ref_logits"),
+                                      ("lid", "lr_coef"), ("kd-bu", "ref"), ("kd-bu", "feat_scale")])
+def test_array_baseline_with_arrays_that_do_not_fit_together_is_refused_on_loading(name, cut):
+    """Hash-valid arrays that disagree in shape (one cut to 5 columns) are refused by name when the
+    detector is loaded, not met as a numpy / scikit-learn error on the first image it scores."""
+    rng = np.random.default_rng(5)
+    det = build_detector(name, **({"passes": 5} if name == "kd-bu" else {}))
+    det.fit(_features(120, rng), _features(80, rng, adversarial=True) if det.supervised else None)
+    arrays, extra = det.state()
+    bad = {**arrays, cut: arrays[cut][..., :3] if arrays[cut].ndim > 1 or arrays[cut].size > 3 else arrays[cut][:1]}
+    assert np.shape(bad[cut]) != np.shape(arrays[cut])
+    try:  # refused on loading where the arrays disagree among themselves ...
+        loaded = type(det).from_state(json.loads(json.dumps(det.get_params())), bad, extra)
+    except CsgguardError as exc:
+        assert re.search(r"array \w+ has shape .* expected", str(exc)), exc
+        return
+    with pytest.raises(CsgguardError, match="fitted for K="):  # ... else where they disagree with the features
+        loaded.score_samples(_features(10, rng))
+
+
 def test_supervised_baselines_need_adversarial():
     rng = np.random.default_rng(1)
     for name in ("lid", "kd-bu"):
@@ -98,6 +133,20 @@ def test_too_few_clean_fit_images_is_a_clear_error():
     assert build_detector("kd-bu", passes=2, bandwidth=1.0).fit(one_each, adv).bandwidth_ == 1.0
     with pytest.raises(CsgguardError, match="lid: 1 clean fit image is too few"):
         build_detector("lid").fit(clean.subset(np.array([0])), adv)
+
+
+def test_feature_squeezing_median_sizes_are_checked_first():
+    """A median size is checked before any work (fit's validate_params), and against the images before
+    any model pass: a window wider than the image is one clear line, not torch's padding error."""
+    from csgguard.detectors.squeeze import FeatureSqueezingDetector
+
+    for bad in ([0], [1], [2.5], [True]):
+        with pytest.raises(CsgguardError, match="median sizes must be integers >= 2"):
+            FeatureSqueezingDetector(median=bad).validate_params()
+    det = FeatureSqueezingDetector(median=[9]).bind_model(torch.nn.Flatten())
+    rng = np.random.default_rng(6)
+    with pytest.raises(CsgguardError, match="median size 9 is larger than the 8x8 images"):
+        det.fit(_features(20, rng), inputs=torch.rand(20, 1, 8, 8))
 
 
 def test_squeezers_and_median():

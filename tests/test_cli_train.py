@@ -127,12 +127,14 @@ def test_resume_takes_the_interrupted_runs_own_settings(runner, tmp_path, monkey
     # an option that contradicts the checkpoint is still refused, by name
     assert "seed 3 -> 4" in _one_line_error(runner.invoke(main, ["train", "--out", str(out), "--resume",
                                                                  "--epochs", "4", "--width", "16", "--seed", "4"]))
-    # --compile says how the steps run, not what they learn: it may join a resume (torch.compile stubbed)
+    # --compile says how the steps run, not what they learn: it may join a resume (torch.compile stubbed);
+    # an option given beside --resume that matches the checkpoint is fine, and the ones not given come
+    # from the checkpoint (epochs 4, width 16), not from the defaults
     compiled = []
     monkeypatch.setattr("torch.compile", lambda net, **kw: compiled.append(kw) or net)
-    r = runner.invoke(main, ["train", "--out", str(out), "--resume", "--compile", "--format", "json"])
+    r = runner.invoke(main, ["train", "--out", str(out), "--resume", "--seed", "3", "--compile", "--format", "json"])
     assert r.exit_code == 0, r.output
-    assert compiled == [{"dynamic": False}]
+    assert compiled == [{"dynamic": False, "mode": None}]
     summary = json.loads(r.stdout)
     assert summary["epochs"] == 4
     assert json.loads((out / "model.json").read_text())["training"]["width"] == 16

@@ -49,3 +49,50 @@ def test_screen_by_name(tmp_path):
     rows = json.loads(r.stdout)
     rows = rows["rows"] if isinstance(rows, dict) else rows
     assert len(rows) == 3 and all(np.isfinite(row["score"]) for row in rows)
+
+
+def test_commands_never_write_into_a_shipped_run(tmp_path, monkeypatch):
+    """A shipped run's folder is part of the installed package: fit, attack and evaluate without --out
+    refuse (one line, exit 2, before any work) rather than write there; a detector fitted into it would
+    silently become what every later `screen --run NAME` uses. inspect reports the shipped heatmap
+    instead of rewriting it. Nothing in the package folder changes."""
+    from csgguard.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no user folder of that name
+    before = {p: p.stat().st_mtime_ns for p in (PRETRAINED_DIR / NAMES[0]).rglob("*")}
+    for cmd in (["fit"], ["attack", "--method", "fgsm", "--eps", "8/255"], ["evaluate"]):
+        r = CliRunner().invoke(main, [*cmd, "--run", NAMES[0], "--data-root", str(tmp_path)])
+        assert r.exit_code == 2, (cmd, r.output)
+        assert "shipped inside csgguard" in r.output and "--out" in r.output and "Traceback" not in r.output
+    from csgguard.shipped import shipped_name
+
+    assert shipped_name(PRETRAINED_DIR / NAMES[0]) == NAMES[0] and shipped_name(tmp_path) is None
+    assert shipped_name(PRETRAINED_DIR / f".{NAMES[0]}.work") is None  # ship_run's own work copy may be written
+    after = {p: p.stat().st_mtime_ns for p in (PRETRAINED_DIR / NAMES[0]).rglob("*")}
+    assert after == before
+
+
+def test_inspect_keeps_a_shipped_heatmap_and_checks_its_own_first(tmp_path, monkeypatch, digits_csg_run):
+    """inspect on a shipped run reports the heatmap it ships with and writes nothing; on a user's run a
+    heatmap path it cannot write is one line before the forward pass, not after it."""
+    import shutil
+
+    import csgguard.shipped as shipped
+    from csgguard.cli import main
+
+    fake = tmp_path / "pretrained"
+    shutil.copytree(digits_csg_run, fake / "digits-csg")
+    (fake / "digits-csg" / "gate_heatmap.png").write_bytes(b"shipped")
+    monkeypatch.setattr(shipped, "PRETRAINED_DIR", fake.resolve())
+    r = CliRunner().invoke(main, ["inspect", "--run", str(fake / "digits-csg"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["heatmap"] == str(fake / "digits-csg" / "gate_heatmap.png")
+    assert (fake / "digits-csg" / "gate_heatmap.png").read_bytes() == b"shipped"
+
+    mine = tmp_path / "mine"
+    shutil.copytree(digits_csg_run, mine)
+    (mine / "gate_heatmap.png").unlink(missing_ok=True)
+    (mine / "gate_heatmap.png").mkdir()  # the default heatmap path cannot be written
+    monkeypatch.setattr("csgguard.inspect.split_features", lambda *a, **k: pytest.fail("ran before the check"))
+    r = CliRunner().invoke(main, ["inspect", "--run", str(mine)])
+    assert r.exit_code == 2 and "gate_heatmap.png" in r.output and "Traceback" not in r.output, r.output

@@ -180,7 +180,7 @@ def test_resume_with_other_settings_or_nothing_to_resume(tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(kw) or net)
     train(TrainConfig(**cfg, compile=True), tmp_path / "part", resume=True, progress=False)  # the same recipe resumes
-    assert compiled == [{"dynamic": False}]
+    assert compiled == [{"dynamic": False, "mode": None}]
 
 
 def test_bad_config_values():

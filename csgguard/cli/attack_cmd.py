@@ -8,6 +8,7 @@ import click
 
 from ..errors import CsgguardError
 from ..progress import log
+from ..shipped import refuse_shipped_output
 from . import main
 from .common import (
     NON_NEGATIVE_INT,
@@ -78,6 +79,8 @@ def attack_command(method, eps, norm, steps, restarts, preset, run_dir, data_roo
 
     if out is not None and Path(out).is_dir():
         raise CsgguardError(f"--out {out}: is a directory; give a file name such as {out}/{method}.npz")
+    if not out:
+        refuse_shipped_output(run_dir, "--out FILE.npz")
     out_dir = Path(out).parent if out else Path(run_dir) / "attacks"
     if out is not None:
         from ..attacks.advset import sidecar_path

@@ -8,6 +8,7 @@ import click
 
 from ..errors import CsgguardError
 from ..progress import log
+from ..shipped import refuse_shipped_output
 from . import main
 from .common import (
     NON_NEGATIVE_INT,
@@ -109,6 +110,8 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
         raise CsgguardError(f"--fpr must be between 0 and 1, got {fpr}")
     eps_list, l2_list = parse_budget_list(eps, "--eps"), parse_budget_list(l2_eps, "--l2-eps")
     adaptive_list = parse_budget_list(adaptive_eps, "--adaptive-eps")
+    if out is None:
+        refuse_shipped_output(run_dir, "--out DIR")
     out_dir = Path(out) if out is not None else Path(run_dir) / "evaluation"
     check_output_dir(out_dir, "--out")
     created = not out_dir.exists()

@@ -10,6 +10,7 @@ import click
 
 from ..errors import CsgguardError
 from ..progress import log
+from ..shipped import refuse_shipped_output
 from ..sweep import parse_fraction
 from . import main
 from .common import (
@@ -86,6 +87,8 @@ def fit_command(run_dir, detector, attacks, eps, l2_eps, fpr, limit, params, dat
             check_output_file(path, "--out")
         out_dir = Path(out).parent
     else:
+        if out is None:
+            refuse_shipped_output(run_dir, "--out DIR or --out FILE.json")
         out_dir = Path(out) if out is not None else Path(run_dir)
         check_output_dir(out_dir, "--out")
     with folder_lock(out_dir, "fit"):

@@ -17,7 +17,8 @@ from .common import device_option, emit_mapping, emit_rows, format_option, run_o
               help="Dataset root, when the run was trained on mnist/cifar10.")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
 @click.option("--heatmap", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the gate heatmap PNG (default RUN/gate_heatmap.png).")
+              help="Where to write the gate heatmap PNG (default RUN/gate_heatmap.png; a shipped run "
+                   "keeps the one it ships with unless this is given).")
 @device_option
 @format_option(("table", "json"))
 def inspect_command(run_dir, data_root, split, heatmap, device, fmt):
@@ -28,11 +29,8 @@ def inspect_command(run_dir, data_root, split, heatmap, device, fmt):
     a classes x filters heatmap of the gate. STD models have no gate: their filters
     are listed by the class whose mean activation is highest.
     """
-    from ..artifacts import check_output_file
     from ..inspect import inspect_run
 
-    if heatmap:
-        check_output_file(heatmap, "--heatmap")
     report = inspect_run(run_dir, data_root=data_root, split=split,
                          heatmap=Path(heatmap) if heatmap else None, device=device)
     if report.get("heatmap"):

@@ -182,10 +182,17 @@ def train_command(ctx, data, data_root, out, arch, width, gate, epochs, batch_si
                    **({} if distill_temperature is None else {"distill_temperature": distill_temperature}))
     if extend is not None:
         cfg = _extension(ctx, extend, swa_epochs, swa_lr, data_root, device, amp, out, distill)
-    elif resume and not _given(ctx, LOCATION_OPTIONS):  # the interrupted run's own settings
+    elif resume:  # the interrupted run's own settings; any given beside --resume must match them
+        import dataclasses
+
         from ..train import checkpoint_config
 
         cfg = checkpoint_config(out, data_root=data_root, device=device)
+        fields = {f.name for f in dataclasses.fields(cfg)}
+        given = {name: ctx.params[name] for name in _given(ctx, LOCATION_OPTIONS) if name in fields}
+        if "teachers" in given:
+            given["teachers"] = tuple(given["teachers"])
+        cfg = dataclasses.replace(cfg, **given)  # train() refuses what differs from the checkpoint
     else:
         cfg = TrainConfig(data=data, data_root=data_root, arch=arch, width=width, gate=gate, epochs=epochs,
                           batch_size=batch_size, optimizer=optimizer, lr=lr, csg_lr=csg_lr, gate_lr=gate_lr,
