@@ -23,28 +23,57 @@ from typing import Any
 import numpy as np
 
 from .data import Dataset, load_dataset
-from .errors import DataError
+from .errors import CsgguardError, DataError
 
 
-def run_data_recipe(manifest: dict[str, Any], data_root: str | os.PathLike | None = None) -> dict[str, Any]:
+def run_data_recipe(manifest: dict[str, Any], data_root: str | os.PathLike | None = None, *,
+                    where: str | os.PathLike = "model.json") -> dict[str, Any]:
     """``spec``, ``data_root``, ``val_fraction``, ``split_seed``, ``train_limit`` of a run's data.
 
     ``data_root`` overrides the recorded root (the data moved); for an
-    ``imagefolder:PATH`` run it replaces ``PATH``.
+    ``imagefolder:PATH`` run it replaces ``PATH``. The manifest's ``dataset`` and ``training``
+    sections are outside the weights' hash, so each value is checked here (``where`` names the
+    file in the one-line error).
     """
-    info = manifest.get("dataset") or {}
-    training = manifest.get("training") or {}
+    info = _section(manifest, "dataset", where)
+    training = _section(manifest, "training", where)
     spec = info.get("spec") or training.get("data") or info.get("name") or "digits"
     root = info.get("data_root", training.get("data_root"))
+    vf = info.get("val_fraction", training.get("val_fraction"))
+    limit = info.get("train_limit", training.get("train_limit"))
+    seed = info.get("split_seed", 0)
+    _expect(isinstance(spec, str), where, "dataset spec", spec, "a dataset name")
+    _expect(root is None or isinstance(root, str), where, "data_root", root, "a path or null")
+    _expect(vf is None or (_number(vf) and 0 < vf < 1), where, "val_fraction", vf, "a number in (0, 1)")
+    _expect(limit is None or (_integer(limit) and limit >= 1), where, "train_limit", limit, "an integer >= 1")
+    _expect(_integer(seed) and 0 <= seed < 2 ** 32, where, "split_seed", seed, "an integer in [0, 2**32)")
     if data_root is not None:
-        if str(spec).startswith("imagefolder:"):
+        if spec.startswith("imagefolder:"):
             spec = f"imagefolder:{os.fspath(data_root)}"
         else:
             root = os.fspath(data_root)
-    vf = info.get("val_fraction", training.get("val_fraction"))
-    limit = info.get("train_limit", training.get("train_limit"))
-    return {"spec": str(spec), "data_root": root, "val_fraction": None if vf is None else float(vf),
-            "split_seed": int(info.get("split_seed", 0)), "train_limit": None if limit is None else int(limit)}
+    return {"spec": spec, "data_root": root, "val_fraction": None if vf is None else float(vf),
+            "split_seed": int(seed), "train_limit": None if limit is None else int(limit)}
+
+
+def _section(manifest: dict[str, Any], key: str, where) -> dict[str, Any]:
+    value = manifest.get(key) or {}
+    if not isinstance(value, dict):
+        raise CsgguardError(f"{where}: '{key}' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _expect(ok: bool, where, name: str, value: Any, what: str) -> None:
+    if not ok:
+        raise CsgguardError(f"{where}: {name} {value!r} must be {what}")
 
 
 def apply_train_limit(ds: Dataset, train_limit: int | None) -> Dataset:
@@ -68,10 +97,13 @@ def load_run_dataset(run: Any, *, data_root: str | os.PathLike | None = None) ->
         from .models.store import read_manifest
 
         manifest, where = read_manifest(run), Path(run)
-    r = run_data_recipe(manifest, data_root)
+    model_json = Path(str(where)) / "model.json"
+    r = run_data_recipe(manifest, data_root, where=model_json)
     ds = load_dataset(r["spec"], r["data_root"], seed=r["split_seed"], val_fraction=r["val_fraction"])
     ds = apply_train_limit(ds, r["train_limit"])
     recorded = (manifest.get("dataset") or {}).get("sizes") or {}
+    if not isinstance(recorded, dict) or not all(_integer(v) and v >= 0 for v in recorded.values()):
+        raise CsgguardError(f"{model_json}: dataset sizes {recorded!r} must map splits to counts")
     found = {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test)}
     differ = {k: (int(v), found[k]) for k, v in recorded.items() if k in found and int(v) != found[k]}
     if differ:

@@ -605,8 +605,48 @@ def checkpoint_epochs(out: str | Path) -> int:
     return len(meta["history"])
 
 
+def _setting_fits(value: Any, hint: Any) -> bool:
+    """``value`` (from JSON) is of the annotated type ``hint`` of a :class:`TrainConfig` field."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_setting_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # JSON writes 1.0 as 1 in some tools
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (list, tuple)) and all(_setting_fits(v, item) for v in value)
+    return True
+
+
+def check_saved_settings(settings: Any, where: Path | str) -> None:
+    """Saved training settings (model.json's ``training``, a checkpoint's config) hold values of the
+    types :class:`TrainConfig` declares: a hand-edited file is one line naming the field, never a
+    TypeError deep inside training."""
+    import typing
+
+    if not isinstance(settings, dict):
+        raise CsgguardError(f"{where}: training settings must be a JSON object, got {type(settings).__name__}")
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in settings.items():
+        if key in hints and not _setting_fits(value, hints[key]):
+            raise CsgguardError(f"{where}: training setting {key}={value!r} is not a valid "
+                                f"{str(hints[key]).replace('typing.', '')}")
+
+
 def _saved_config(settings: dict[str, Any], where: Path, *, data_root: str | None, device: str) -> TrainConfig:
     """A run's saved settings (checkpoint or model.json) as a config, moved to ``data_root`` / ``device``."""
+    check_saved_settings(settings, where)
     try:
         cfg = TrainConfig.from_dict(settings)
     except TypeError as exc:

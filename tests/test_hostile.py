@@ -202,6 +202,35 @@ def test_item5_6_malformed_model_json_is_one_line_exit_2(run_copy, edit, needle)
     assert needle in one_line_error(_cli("inspect", "--run", run_copy))
 
 
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m["dataset"].update(val_fraction="abc"), "val_fraction 'abc' must be a number in (0, 1)"),
+    (lambda m: m["dataset"].update(val_fraction=5), "val_fraction 5 must be a number in (0, 1)"),
+    (lambda m: m["dataset"].update(split_seed="x"), "split_seed 'x' must be an integer"),
+    (lambda m: m["dataset"].update(split_seed=-1), "split_seed -1 must be an integer"),
+    (lambda m: m.update(dataset=[1]), "'dataset' must be a JSON object"),
+    (lambda m: m["dataset"].update(sizes={"train": "x"}), "dataset sizes"),
+    (lambda m: m["dataset"].update(spec=7), "dataset spec 7"),
+    (lambda m: m.update(training="x"), "'training' must be a JSON object"),
+])
+def test_model_json_data_sections_outside_the_hash_are_checked(run_copy, edit, needle):
+    """model.json's dataset / training sections are not covered by the weights' hash: a hand-edited
+    value is one line naming model.json and the field (exit 2), never an internal error."""
+    _edit(run_copy / "model.json", edit)
+    line = one_line_error(_cli("inspect", "--run", run_copy))
+    assert needle in line and "model.json" in line, line
+
+
+@pytest.mark.parametrize("field,value", [("epochs", "x"), ("lr", "x"), ("gate", "yes"), ("teachers", [1]),
+                                         ("milestones", "0.5")])
+def test_saved_training_settings_of_the_wrong_type_are_one_line(run_copy, tmp_path, field, value):
+    """--extend reads the recipe from model.json's training section: a value of the wrong type is refused by
+    name before any training, not met as a TypeError once training has started."""
+    _edit(run_copy / "model.json", lambda m: m["training"].update({field: value}))
+    line = one_line_error(_cli("train", "--extend", run_copy, "--swa-epochs", "1", "--out", tmp_path / "x"))
+    assert f"training setting {field}=" in line and "model.json" in line, line
+    assert not (tmp_path / "x").exists()
+
+
 def test_item5_non_finite_json_numbers_are_refused(run_copy, tmp_path):
     from csgguard.artifacts import read_json
     from csgguard.errors import ArtifactError
