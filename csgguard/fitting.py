@@ -153,6 +153,13 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
     val_x = ds.val.x()
     calib = extract_features(loaded.model, val_x, batch_size=batch_size, device=dev)
     det.calibrate(calib, inputs=val_x if det.needs_inputs else None)
+    from .screening import MAX_THRESHOLD
+
+    if not (np.isfinite(det.threshold_) and abs(det.threshold_) <= MAX_THRESHOLD):
+        # saving would refuse it anyway; say why it happened instead of blaming the file
+        raise CsgguardError(f"{detector}: the calibrated threshold {det.threshold_:.4g} is beyond +-{MAX_THRESHOLD:g}: "
+                            f"the scores are degenerate, most likely from too few fit images ({len(clean)} clean"
+                            f"{'' if limit is None else f', --limit {limit}'}); fit on more images")
     realised = float(np.mean(det.calibration_scores_ > det.threshold_))
     n_threshold = int(det.calibration_size_)  # fewer than len(calib) where half of val set csg-clean's units
     fitted_on = {"dataset": data_name, "fit_split": "train", "calibration_split": "val",

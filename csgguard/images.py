@@ -87,6 +87,8 @@ def _to_uint8(im) -> tuple[Any, str | None]:
     """16-bit / 32-bit / float greyscale -> 8-bit L by scaling (Pillow's convert would clip)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(arr).all():  # a float image with NaN / infinite pixels has no 8-bit reading
+            raise ValueError(f"{im.mode} image holds NaN or infinite pixel values")
         top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and arr.max(initial=0) > 255) else 255.0
         if im.mode == "F":
             top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
@@ -150,7 +152,10 @@ def decode_image(source: str | os.PathLike | bytes, mode: str | None = None,
                         im = im.convert("RGBA")
                         flat = Image.new("RGBA", im.size, (255, 255, 255, 255))
                         im = Image.alpha_composite(flat, im)
-                    im = im.convert(target)
+                    try:
+                        im = im.convert(target)
+                    except ValueError:  # Pillow has no direct way for some modes (LAB -> L): through RGB
+                        im = im.convert("RGB").convert(target)
                 resized = size is not None and im.size != tuple(size)
                 if resized:
                     resample = Image.Resampling.NEAREST if resize == "nearest" else Image.Resampling.BILINEAR

@@ -731,3 +731,24 @@ def test_evaluate_fpr_message_and_mislabelled_models(digits_csg_run, digits_std_
     assert model_role_notes({"csg": csg, "std": std}) == []
     swapped = model_role_notes({"csg": std, "std": csg})
     assert len(swapped) == 2 and "has no gate" in swapped[0] and "not an STD twin" in swapped[1]
+
+
+def test_a_fit_on_too_few_images_says_so_not_that_the_file_is_bad(digits_csg_run, tmp_path, monkeypatch):
+    """A dozen clean fit images can leave csg-clean degenerate units and a threshold past +-1e12 (seen on a
+    3-epoch digits model; forced here, as the fixture model's units may hold): the error says so and what
+    to do, instead of blaming the output file for a 'non-finite' number."""
+    from csgguard.detectors.gate import GateCleanDetector
+
+    real = GateCleanDetector.calibrate
+
+    def degenerate(self, *args, **kw):
+        real(self, *args, **kw)
+        self.threshold_ = 3.7e12
+        return self
+    monkeypatch.setattr(GateCleanDetector, "calibrate", degenerate)
+    out = tmp_path / "d.json"
+    r = _cli("fit", "--run", digits_csg_run, "--limit", "12", "--out", out, "--no-progress")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    line = r.stderr.strip().splitlines()[-1]  # after fit's one line saying how many images it fits on
+    assert line.startswith("error:") and "degenerate" in line and "--limit 12" in line and str(out) not in line, line
+    assert not out.exists()

@@ -128,3 +128,24 @@ def test_one_suffix_list_and_one_png_encoder():
     img = rng.random((3, 4, 5))
     back, _ = decode_image(encode_png(img))
     assert np.array_equal(back, np.rint(img * 255).astype(np.uint8))
+
+
+def test_nan_float_images_are_refused_and_lab_reaches_grey(tmp_path):
+    """A float image with NaN pixels has no 8-bit reading: a decode error (an error row when screened),
+    not a black image and a numpy warning; a LAB image reaches a grey model through RGB."""
+    import warnings
+
+    from csgguard.images import decode_image
+
+    a = np.zeros((8, 8), np.float32)
+    a[0, 0] = np.nan
+    Image.fromarray(a, "F").save(tmp_path / "nan.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            decode_image(tmp_path / "nan.tif")
+    Image.new("LAB", (8, 8), (50, 10, 10)).save(tmp_path / "lab.tif")
+    grey, note = decode_image(tmp_path / "lab.tif", "L")
+    assert grey.shape == (1, 8, 8) and note.startswith("TIFF LAB")
+    rgb, _ = decode_image(tmp_path / "lab.tif", "RGB")
+    assert np.abs(grey[0].astype(int) - np.asarray(Image.fromarray(rgb.transpose(1, 2, 0)).convert("L"))).max() == 0

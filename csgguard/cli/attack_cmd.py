@@ -27,8 +27,9 @@ METHODS = ("fgsm", "bim", "pgd", "cw", "deepfool", "adaptive", "adaptive-FORM")
 
 @main.command("attack")
 @click.option("--method", default="pgd", show_default=True, help=f"Attack: {', '.join(METHODS)}.")
-@click.option("--eps", default=None, help="Budget in [0, 1] pixel units, e.g. 8/255 or 0.1 "
-                                          "(default per dataset; not for cw/deepfool).")
+@click.option("--eps", default=None, help="Budget in pixel units of [0, 1] images: Linf in (0, 1], e.g. 8/255 "
+                                          "or 0.1; L2 any positive norm, e.g. 1.5 (default per dataset; not for "
+                                          "cw/deepfool).")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default=None,
               help="Threat model (default: linf; l2 for cw and deepfool).")
 @click.option("--steps", type=POSITIVE_INT, default=None, help="Iterations (bim 10, pgd 40, deepfool 50, cw per preset).")
