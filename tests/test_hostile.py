@@ -752,3 +752,20 @@ def test_a_fit_on_too_few_images_says_so_not_that_the_file_is_bad(digits_csg_run
     line = r.stderr.strip().splitlines()[-1]  # after fit's one line saying how many images it fits on
     assert line.startswith("error:") and "degenerate" in line and "--limit 12" in line and str(out) not in line, line
     assert not out.exists()
+
+
+def test_inspect_and_attack_print_csv(digits_csg_run, tmp_path):
+    """Data commands take --format csv: a header and rows a CSV reader parses, nothing else on stdout."""
+    import csv
+    import io
+
+    r = _cli("inspect", "--run", digits_csg_run, "--format", "csv", "--heatmap", tmp_path / "h.png")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert len(rows) == 10 and {"accuracy", "gate_density", "class", "filter_ids"} <= set(rows[0])
+    assert float(rows[0]["accuracy"]) > 0.5
+    r = _cli("attack", "--run", digits_csg_run, "--limit", "8", "--out", tmp_path / "a.npz", "--format", "csv",
+             "--no-progress")
+    assert r.exit_code == 0, r.output
+    (row,) = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert row["attack"] == "pgd" and int(row["total"]) == 8

@@ -53,7 +53,7 @@ METHODS = ("fgsm", "bim", "pgd", "cw", "deepfool", "adaptive", "adaptive-FORM")
                    "still adversarial after rounding to 8 bits are written (the others are counted as dropped).")
 @compile_option("the attack's steps", "CIFAR-10 ResNet-20 PGD on a 1-thread AVX2 CPU: "
                 "benchmarks/attack_compile.py; the adaptive attack stays eager")
-@format_option(("table", "json"))
+@format_option()
 @progress_option
 def attack_command(method, eps, norm, steps, restarts, preset, run_dir, data_root, split, limit, batch_size, seed,
                    device, out, save_images, torch_compile, fmt, progress):
@@ -132,5 +132,5 @@ def _attack(spec, run_dir, split, limit, data_root, eps_value, batch_size, seed,
             f"dropped {summary['png_dropped']} that rounding turned back into correct predictions")
     if fmt == "json":
         emit_mapping({**summary, "settings": meta["settings"], "perturbation": pert}, "json")
-    else:
-        emit_mapping(summary, "table", title=f"{meta['attack']} on {run_dir} ({split})")
+    else:  # table, or csv: the summary as one row
+        emit_mapping(summary, fmt, title=f"{meta['attack']} on {run_dir} ({split})")

@@ -78,7 +78,7 @@ def _names(value: str, what: str) -> tuple[str, ...]:
 @device_option
 @compile_option("the foolbox attacks' steps", "CIFAR-10 ResNet-20 PGD on a 1-thread AVX2 CPU: "
                 "benchmarks/attack_compile.py; the adaptive attack and the detectors stay eager")
-@format_option(("table", "json"))
+@format_option()
 @progress_option
 def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, l2_eps, supervised_on, adaptive,
                      adaptive_eps, adaptive_targets, seed, out, data_root, device, torch_compile, fmt, progress):
@@ -135,4 +135,4 @@ def evaluate_command(run_dir, compare_run, attacks, detectors, fpr, limit, eps, 
     if fmt == "json":
         emit_mapping(report, "json")
         return
-    emit_rows(summary_rows(report), SUMMARY_COLUMNS, "table", title=f"evaluate {run_dir}")
+    emit_rows(summary_rows(report), SUMMARY_COLUMNS, fmt, title=f"evaluate {run_dir}")  # table or csv

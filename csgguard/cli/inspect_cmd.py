@@ -20,7 +20,7 @@ from .common import device_option, emit_mapping, emit_rows, format_option, run_o
               help="Where to write the gate heatmap PNG (default RUN/gate_heatmap.png; a shipped run "
                    "keeps the one it ships with unless this is given).")
 @device_option
-@format_option(("table", "json"))
+@format_option()
 def inspect_command(run_dir, data_root, split, heatmap, device, fmt):
     """Show how class-specific a trained model's filters are.
 
@@ -37,6 +37,12 @@ def inspect_command(run_dir, data_root, split, heatmap, device, fmt):
         log(f"gate heatmap: {report['heatmap']}")
     if fmt == "json":
         emit_mapping(report, "json")
+        return
+    if fmt == "csv":  # one row per class: its filters, beside the run's figures
+        flat = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
+        rows = [{**flat, "class": c, "filters": len(f), "filter_ids": " ".join(map(str, f))}
+                for c, f in report["filters_per_class"].items()]
+        emit_rows(rows, [*flat, "class", "filters", "filter_ids"], "csv")
         return
     emit_mapping(report, "table", title=f"inspect {run_dir}")
     rows = [{"class": c, "filters": len(f), "filter_ids": " ".join(map(str, f[:24])) + (" ..." if len(f) > 24 else "")}
