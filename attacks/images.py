@@ -10,13 +10,14 @@ dropped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..artifacts import atomic_write_bytes
+from ..artifacts import StagedWrites
 from ..images import encode_png, to_uint8
 from .advset import AdversarialSet
 
@@ -37,18 +38,31 @@ def quantised_predictions(model: torch.nn.Module, q: np.ndarray, batch_size: int
                           for s in range(0, len(xq), batch_size)]).numpy()
 
 
-def save_adversarial_images(advset: AdversarialSet, out_dir: str | os.PathLike, model: torch.nn.Module,
-                            *, batch_size: int = 256) -> dict[str, int]:
-    """Write each successful ``x_adv`` that still fools ``model`` after 8-bit rounding as a PNG.
+def adversarial_pngs(advset: AdversarialSet, model: torch.nn.Module, *, batch_size: int = 256
+                     ) -> tuple[dict[str, bytes], int]:
+    """Each successful ``x_adv`` that still fools ``model`` after 8-bit rounding, encoded as a PNG.
 
-    The file name carries the prediction of the *rounded* image. Returns
-    ``png_written`` and ``png_dropped`` (successes that rounding undid).
+    Returns ``{file name: PNG bytes}`` (the name carries the prediction of the *rounded* image) and
+    how many successes rounding undid. Nothing is written: :func:`save_adversarial_images` does that.
     """
-    out_dir = Path(out_dir)
     ok = advset.successful()
     q = to_uint8(ok.x_adv)
     pred = quantised_predictions(model, q, batch_size)
     keep = np.flatnonzero(pred != ok.y)
-    for j in keep:
-        atomic_write_bytes(out_dir / png_name(ok.index[j], ok.y[j], pred[j]), encode_png(q[j]))
-    return {"png_written": int(len(keep)), "png_dropped": int(len(ok) - len(keep))}
+    return {png_name(ok.index[j], ok.y[j], pred[j]): encode_png(q[j]) for j in keep}, int(len(ok) - len(keep))
+
+
+def save_adversarial_images(advset: AdversarialSet, out_dir: str | os.PathLike, model: torch.nn.Module,
+                            *, batch_size: int = 256, stage: StagedWrites | None = None) -> dict[str, int]:
+    """Write each successful ``x_adv`` that still fools ``model`` after 8-bit rounding as a PNG, all or
+    none (a failure part-way leaves no PNG of this call behind).
+
+    ``stage`` joins the PNGs to the caller's :class:`~csgguard.artifacts.StagedWrites` (``csgguard
+    attack`` stages them with the set they were cut from). Returns ``png_written`` and
+    ``png_dropped`` (successes that rounding undid).
+    """
+    files, dropped = adversarial_pngs(advset, model, batch_size=batch_size)
+    with contextlib.nullcontext(stage) if stage is not None else StagedWrites() as staged:
+        for name, data in files.items():
+            staged.add(Path(out_dir) / name, data)
+    return {"png_written": len(files), "png_dropped": dropped}

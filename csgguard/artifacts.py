@@ -49,6 +49,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     replaced; a write the system refuses raises :class:`ArtifactError` naming ``path``.
     """
     path = Path(path)
+    tmp = _write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ArtifactError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise
+    return path
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a new temporary file beside ``path`` (flushed to disk), ready to be renamed onto it."""
     _check_replaceable(path, "output")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,13 +74,46 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise ArtifactError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
-    return path
+    return Path(tmp)
+
+
+class StagedWrites:
+    """Many files written all or none: :meth:`add` writes each to a temporary file beside its target
+    at once (where a full disk or a refused folder shows), and only leaving the ``with`` block without
+    an error renames them all into place; an error anywhere inside the block (in a write, or in other
+    work done meanwhile, such as the file the staged ones go with) removes every temporary file and
+    leaves every target as it was."""
+
+    def __enter__(self) -> StagedWrites:
+        self._staged: list[tuple[Path, Path]] = []
+        return self
+
+    def add(self, path: str | os.PathLike, data: bytes) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            raise ArtifactError(f"{path}: cannot write (a folder is in the way)")
+        self._staged.append((_write_temp(path, data), path))
+        return path
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                for tmp, path in self._staged:
+                    os.replace(tmp, path)
+            except OSError as err:
+                self._discard()
+                raise ArtifactError(f"{path}: cannot write ({err.strerror or err})") from None
+        else:
+            self._discard()
+
+    def _discard(self) -> None:
+        for tmp, _ in self._staged:
+            tmp.unlink(missing_ok=True)
 
 
 def _check_replaceable(path: Path, what: str) -> None:

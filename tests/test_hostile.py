@@ -497,6 +497,29 @@ def test_item13_saved_pngs_are_all_still_adversarial(digits_csg_run, tmp_path):
         assert p == adv != true, f.name
 
 
+def test_save_images_is_all_or_nothing_with_its_set(digits_csg_run, tmp_path):
+    """A PNG that cannot be written (a folder in its way) fails the call with one line and leaves no
+    PNG and no attack file of it behind; the same call with the way clear writes all of them."""
+    png, out = tmp_path / "png", tmp_path / "a.npz"
+    args = ("attack", "--run", digits_csg_run, "--limit", "20", "--eps", "0.3", "--out", out, "--save-images", png,
+            "--format", "json", "--no-progress")
+    r = _cli(*args)
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in png.glob("*.png"))
+    assert len(names) == json.loads(r.stdout)["png_written"] >= 3
+    import shutil
+
+    shutil.rmtree(png)
+    for f in tmp_path.glob("a.npz*"):  # the set and its sidecar
+        f.unlink()
+    png.mkdir()
+    (png / names[len(names) // 2]).mkdir()  # the middle one cannot be written
+    r = _cli(*args)
+    assert r.exit_code == 2 and "a folder is in the way" in r.stderr and "Traceback" not in r.output, r.output
+    assert sorted(p.name for p in png.iterdir()) == [names[len(names) // 2]]  # no PNG, no temporary file
+    assert not out.exists() and not list(tmp_path.glob("a.npz*"))
+
+
 # ----------------------------------------------------------------------------- items 12, 15: image-folder runs
 
 def test_item15_image_folder_split_is_described_and_sized(tmp_path):

@@ -99,6 +99,7 @@ def attack_command(method, eps, norm, steps, restarts, preset, run_dir, data_roo
 
 def _attack(spec, run_dir, split, limit, data_root, eps_value, batch_size, seed, device, progress, out, save_images,
             fmt, torch_compile=False):
+    from ..artifacts import StagedWrites
     from ..attacks import (
         attack_run_split,
         default_output_path,
@@ -110,7 +111,17 @@ def _attack(spec, run_dir, split, limit, data_root, eps_value, batch_size, seed,
                               batch_size=batch_size, seed=seed, device=device, progress=progress,
                               compile=torch_compile)
     meta = advset.meta
-    path = save_adversarial_set(Path(out) if out else default_output_path(run_dir, meta), advset)
+    images = None
+    # the PNGs are staged beside their folder first and renamed into place only once the set they were
+    # cut from is written: a failure in either leaves no PNG of this call behind
+    with StagedWrites() as stage:
+        if save_images:
+            from ..devices import select_device
+            from ..models.store import load_model
+
+            model = load_model(run_dir, select_device(device)).model
+            images = save_adversarial_images(advset, save_images, model, batch_size=batch_size, stage=stage)
+        path = save_adversarial_set(Path(out) if out else default_output_path(run_dir, meta), advset)
     log(f"wrote {path} and {path.name}.json")
 
     pert = meta["perturbation"]
@@ -121,12 +132,8 @@ def _attack(spec, run_dir, split, limit, data_root, eps_value, batch_size, seed,
         f"median_{meta['norm']}": pert["median"], f"max_{meta['norm']}": pert["max"],
         "seconds": meta["seconds"], "images_per_second": meta["images_per_second"], "out": str(path),
     }
-    if save_images:
-        from ..devices import select_device
-        from ..models.store import load_model
-
-        model = load_model(run_dir, select_device(device)).model
-        summary.update(save_adversarial_images(advset, save_images, model, batch_size=batch_size))
+    if images is not None:
+        summary.update(images)
         summary["images_dir"] = str(save_images)
         log(f"wrote {summary['png_written']} PNG files to {save_images} (still adversarial after 8-bit rounding); "
             f"dropped {summary['png_dropped']} that rounding turned back into correct predictions")
