@@ -132,7 +132,10 @@ class AttackSpec:
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), \
                     compile_errors(f"the network {self.name} attacks"):
                 torch.manual_seed(seed)
-                pred = _predict(model, x, batch_size, dev)
+                pred, classes = _predict(model, x, batch_size, dev)
+                if int(y.min()) < 0 or int(y.max()) >= classes:
+                    raise CsgguardError(f"labels must be class indices in [0, {classes}), got "
+                                        f"{int(y.min())}..{int(y.max())}")
                 attacked = pred == y
                 rows = torch.nonzero(attacked).flatten()
                 attacked_net = model
@@ -221,6 +224,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _predict(model, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    out = [model(x[s:s + batch_size].to(device)).argmax(1).cpu() for s in range(0, len(x), batch_size)]
-    return torch.cat(out)
+def _predict(model, x: torch.Tensor, batch_size: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The model's predictions for ``x`` and how many classes it scores."""
+    logits = [model(x[s:s + batch_size].to(device)) for s in range(0, len(x), batch_size)]
+    return torch.cat([z.argmax(1).cpu() for z in logits]), int(logits[0].shape[1])

@@ -614,6 +614,8 @@ def load_dataset(spec: str = "digits", root: str | os.PathLike | None = None, *,
     spec = (spec or "digits").strip()
     kw = {"seed": seed}
     if val_fraction is not None:
+        if isinstance(val_fraction, bool) or not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
+            raise DataError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
         kw["val_fraction"] = val_fraction
     if spec == "digits":
         ds = load_digits_dataset(**kw)

@@ -510,6 +510,10 @@ def evaluate(run_dir: str | Path, *, compare_run: str | Path | None = None,
     ``compile``: the foolbox attacks' steps run through ``torch.compile`` (:mod:`csgguard.compiling`;
     the adaptive attack and the detectors stay eager).
     """
+    if write and out is None:  # a shipped run's folder is part of the package (csgguard.shipped)
+        from .shipped import refuse_shipped_output, resolve_run
+
+        refuse_shipped_output(resolve_run(run_dir), "out= (--out)")
     t0 = time.perf_counter()
     attacks, detectors = _names(attacks, DEFAULT_ATTACKS), _names(detectors, DEFAULT_DETECTORS)
     supervised = _names(supervised_on, DEFAULT_SUPERVISED_ON)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import CsgguardError
 from .models.csg import CSGNet
 
 
@@ -90,8 +91,24 @@ def features_from_outputs(model: CSGNet, logits: torch.Tensor, pooled: torch.Ten
 @torch.no_grad()
 def extract_features(model: CSGNet, x: torch.Tensor | np.ndarray, *, batch_size: int = 512,
                      device: torch.device | str | None = None) -> Features:
-    """One forward pass per batch over [0, 1] images ``x`` (N, C, H, W) -> :class:`Features`."""
+    """One forward pass per batch over [0, 1] images ``x`` (N, C, H, W) -> :class:`Features`.
+
+    ``model`` is a network or a :class:`~csgguard.LoadedModel`. Inputs outside [0, 1] (0-255 pixels,
+    or already normalised) are refused: the network normalises inside, and would read them as noise."""
+    model = getattr(model, "model", model)  # a LoadedModel's network
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "forward_signals"):
+        raise CsgguardError(f"model must be a csgguard network or LoadedModel, got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CsgguardError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     x = torch.as_tensor(x, dtype=torch.float32)
+    if x.dim() != 4:
+        raise CsgguardError(f"images must be a 4-d (N, C, H, W) array, got shape {tuple(x.shape)}")
+    cfg = getattr(model, "config", None)
+    if cfg is not None and tuple(x.shape[1:]) != (cfg.in_channels, cfg.input_size, cfg.input_size):
+        raise CsgguardError(f"images of shape {tuple(x.shape[1:])} for a model that reads "
+                            f"{(cfg.in_channels, cfg.input_size, cfg.input_size)}")
+    if len(x) and (not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+        raise CsgguardError("images must be finite floats in [0, 1] (normalisation belongs inside the model)")
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     outs = [model.forward_signals(x[start:start + batch_size].to(device, non_blocking=True))

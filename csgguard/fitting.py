@@ -115,6 +115,10 @@ def fit_detector(run_dir: str | Path = "runs/default", *, detector: str = "csg-c
     if cls.supervised or any(str(a).strip() for a in attacks):
         attacks = check_attack_names((a for a in attacks if str(a).strip()), "attack")
         build_cells(attacks, (), ())  # explicit NAME@BUDGET ranges
+    if out is None:  # a shipped run's folder is part of the package (csgguard.shipped)
+        from .shipped import refuse_shipped_output, resolve_run
+
+        refuse_shipped_output(resolve_run(run_dir), "out= (--out)")
     log = log or (lambda _msg: None)
     start = time.perf_counter()
     dev = select_device(device)

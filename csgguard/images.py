@@ -77,7 +77,12 @@ def shard_files(files: Sequence[str], shard: tuple[int, int] | None, batch_size:
     """
     if shard is None:
         return list(files)
-    i, n = shard
+    try:
+        i, n = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise CsgguardError(f"shard {shard!r} must be a pair (I, N) of integers") from None
+    if n < 1 or not 0 <= i < n:
+        raise CsgguardError(f"shard {shard!r}: need 0 <= I < N")
     batches = -(-len(files) // batch_size)
     start, stop = i * batches // n * batch_size, (i + 1) * batches // n * batch_size
     return list(files[start:stop])

@@ -26,6 +26,7 @@ def inspect_run(run_dir: str | Path, *, data_root: str | None = None, split: str
 
     where = select_device(device)  # an absent accelerator is an error before anything is read
     loaded = load_model(run_dir)
+    given, run_dir = run_dir, loaded.run_dir  # a shipped run's name resolved to its folder
     heatmap_path = None
     if loaded.model.gate is not None:
         # a shipped run already holds its heatmap, and its folder is part of the package: not rewritten
@@ -38,7 +39,7 @@ def inspect_run(run_dir: str | Path, *, data_root: str | None = None, split: str
     ev = split_metrics(loaded, feats, labels, ds.num_classes, split)
     classes = loaded.classes
     model = loaded.model
-    report: dict[str, Any] = {"run": str(run_dir), "arch": loaded.config.arch, "gated": model.has_gate,
+    report: dict[str, Any] = {"run": str(given), "arch": loaded.config.arch, "gated": model.has_gate,
                               "num_filters": model.num_filters, "dataset": ds.name, **ev}
     if model.gate is not None:
         gate = model.gate.weight.detach().cpu().numpy()

@@ -133,10 +133,10 @@ class Screener:
         entries = [(f, None) if isinstance(f, (str, bytes, os.PathLike)) else (f[0], f[1]) for f in files]
         if batch_size < 1:
             raise CsgguardError(f"--batch-size must be >= 1, got {batch_size}")
-        if self.compile and self._compiled is None:
-            self._compile_for(batch_size)  # every shard of a sharded run gets the same graph
         if workers < 0:
             raise CsgguardError(f"--workers must be >= 0, got {workers}")
+        if self.compile and self._compiled is None:
+            self._compile_for(batch_size)  # every shard of a sharded run gets the same graph
         loader = torch.utils.data.DataLoader(
             _ListedImages(entries, self.spec), batch_size=batch_size, shuffle=False, num_workers=workers,
             collate_fn=_collate, pin_memory=self.device.type == "cuda",
@@ -242,7 +242,7 @@ def check_threshold(value: Any, name: str = "--threshold") -> float:
 MAX_THRESHOLD = 1e12
 
 
-def screen(paths: Iterable[str | os.PathLike], run_dir: str | os.PathLike = "runs/default", *,
+def screen(paths: Iterable[str | os.PathLike] | str | os.PathLike, run_dir: str | os.PathLike = "runs/default", *,
            detector: str | os.PathLike | None = None, threshold: float | None = None, recursive: bool = False,
            follow_symlinks: bool = False, batch_size: int = 64, workers: int = 0,
            shard: tuple[int, int] | None = None, device: str = "auto", progress: bool | None = None,
@@ -255,11 +255,17 @@ def screen(paths: Iterable[str | os.PathLike], run_dir: str | os.PathLike = "run
     generator is lazy: iterate it to do the work; ``screener.summary`` is final once
     it is exhausted.
     """
-    paths = list(paths)
+    # one path given as text is that path, not its characters
+    paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
     if threshold is not None:
         check_threshold(threshold)
     if batch_size < 1:
         raise CsgguardError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise CsgguardError(f"--workers must be >= 0, got {workers}")
+    if isinstance(compile, str) and compile not in COMPILE_MODES:
+        raise CsgguardError(f"unknown compile mode {compile!r}; choose from {', '.join(COMPILE_MODES)}")
+    shard_files([], shard)  # a malformed shard is refused before anything is listed or loaded
     listing = list_inputs(paths, recursive=recursive, follow_symlinks=follow_symlinks)
     if not listing.entries and listing.skipped_subfolders:
         names = ", ".join(os.fspath(p) if isinstance(os.fspath(p), str) else os.fsdecode(p) for p in paths)

@@ -193,6 +193,27 @@ class TrainConfig:
             raise CsgguardError(f"--distill-temperature must be > 0, got {self.distill_temperature}")
         if self.period is not None and self.csg_from is not None and not 0 <= self.csg_from < self.period:
             raise CsgguardError(f"--csg-from must be in [0, period), got {self.csg_from} with period {self.period}")
+        # the numbers the CLI checks as it parses, checked again for callers of the Python API
+        for name in ("lr", "csg_lr", "gate_lr"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise CsgguardError(f"{name} must be a finite number > 0, got {v}")
+        for name, v in (("weight_decay", self.weight_decay), ("lam", self.lam), ("joint_weight", self.joint_weight),
+                        ("lr_warmup_epochs", self.lr_warmup_epochs)):
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise CsgguardError(f"{name} must be a finite number >= 0, got {v}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise CsgguardError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.gamma) and 0 < self.gamma <= 1):
+            raise CsgguardError(f"gamma must be in (0, 1], got {self.gamma}")
+        if not all(math.isfinite(m) and 0 < m < 1 for m in self.milestones):
+            raise CsgguardError(f"milestones are fractions of the schedule in (0, 1), got {tuple(self.milestones)}")
+        if self.val_fraction is not None and not (math.isfinite(self.val_fraction) and 0 < self.val_fraction < 1):
+            raise CsgguardError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name, low in (("warmup", 0), ("period", 1), ("csg_from", 0)):
+            v = getattr(self, name)
+            if v is not None and v < low:
+                raise CsgguardError(f"{name} must be >= {low}, got {v}")
 
 
 @dataclass

@@ -106,14 +106,15 @@ class Detector(BaseEstimator):
             raise CsgguardError("no clean held-out samples to calibrate the threshold on")
         check_calibration_size(n, self.fpr, "clean calibration images")
         scores = self.score_samples(clean_heldout, inputs=inputs)
-        self.threshold_ = threshold_at_fpr(scores, self.fpr)
+        threshold = threshold_at_fpr(scores, self.fpr)  # assigned only once it is known to hold
         if np.ptp(scores) == 0:  # a threshold on one value flags all or nothing, whatever comes
             raise CsgguardError(f"detector {self.name!r} gives all {n} clean calibration images the same score "
                                 f"({float(scores[0]):g}): it separates nothing (too few clean fit images? raise --limit)")
-        if not np.isfinite(self.threshold_):  # say why here, not later as a broken file
+        if not np.isfinite(threshold):  # say why here, not later as a broken file
             raise CsgguardError(f"detector {self.name!r}: {int((~np.isfinite(scores)).sum())} of {n} clean calibration "
                                 f"scores are not finite, so no threshold holds a {self.fpr:g} false-positive rate "
                                 "(too few clean fit images for some class? raise --limit)")
+        self.threshold_ = threshold
         self.calibration_size_ = n
         # kept (not saved) so a report can read other operating points off the same calibration
         self.calibration_scores_ = scores
@@ -124,6 +125,8 @@ class Detector(BaseEstimator):
         scores = getattr(self, "calibration_scores_", None)
         if scores is None:
             raise NotFittedError(f"detector {self.name!r} has no calibration scores (call calibrate)")
+        if isinstance(fpr, bool) or not (isinstance(fpr, (int, float)) and 0 < fpr < 1):
+            raise CsgguardError(f"fpr must be a number in (0, 1), got {fpr!r}")
         return threshold_at_fpr(scores, fpr)
 
     # -- scoring ------------------------------------------------------------
@@ -161,7 +164,10 @@ class Detector(BaseEstimator):
         return self.score_samples(features, inputs=inputs) - self.threshold_
 
     def predict(self, features: Features, *, inputs=None) -> np.ndarray:
-        return (self.decision_function(features, inputs=inputs) > 0).astype(np.int64)
+        """1 = flagged at the calibrated threshold. A NaN score (a damaged input or model) is flagged:
+        it compares False with any threshold, and screening must fail closed, never clear it."""
+        d = self.decision_function(features, inputs=inputs)
+        return ((d > 0) | np.isnan(d)).astype(np.int64)
 
     # -- to implement -------------------------------------------------------
     def _fit(self, clean: Features, adversarial: Features | None, *, inputs=None, adversarial_inputs=None) -> None:

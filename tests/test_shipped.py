@@ -64,6 +64,15 @@ def test_commands_never_write_into_a_shipped_run(tmp_path, monkeypatch):
         r = CliRunner().invoke(main, [*cmd, "--run", NAMES[0], "--data-root", str(tmp_path)])
         assert r.exit_code == 2, (cmd, r.output)
         assert "shipped inside csgguard" in r.output and "--out" in r.output and "Traceback" not in r.output
+    # the Python API refuses the same, by name or by folder, before any work
+    from csgguard.errors import CsgguardError
+    from csgguard.evaluate import evaluate
+    from csgguard.fitting import fit_detector
+
+    for call in (lambda: fit_detector(NAMES[0]), lambda: fit_detector(PRETRAINED_DIR / NAMES[0]),
+                 lambda: evaluate(NAMES[0])):
+        with pytest.raises(CsgguardError, match="shipped inside csgguard"):
+            call()
     from csgguard.shipped import shipped_name
 
     assert shipped_name(PRETRAINED_DIR / NAMES[0]) == NAMES[0] and shipped_name(tmp_path) is None
@@ -87,6 +96,15 @@ def test_inspect_keeps_a_shipped_heatmap_and_checks_its_own_first(tmp_path, monk
     r = CliRunner().invoke(main, ["inspect", "--run", str(fake / "digits-csg"), "--format", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["heatmap"] == str(fake / "digits-csg" / "gate_heatmap.png")
+    assert (fake / "digits-csg" / "gate_heatmap.png").read_bytes() == b"shipped"
+    # the Python API by the shipped name: nothing written there, and no stray ./digits-csg folder (which
+    # would then hide the shipped run from every later command run here)
+    from csgguard.inspect import inspect_run
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert inspect_run("digits-csg")["heatmap"] == str(fake / "digits-csg" / "gate_heatmap.png")
+    assert not (tmp_path / "cwd" / "digits-csg").exists()
     assert (fake / "digits-csg" / "gate_heatmap.png").read_bytes() == b"shipped"
 
     mine = tmp_path / "mine"

@@ -28,6 +28,13 @@ def inspect_command(run_dir, data_root, split, heatmap, device, fmt):
     held-out data, and which filters each class owns (gate entries >= 0.5); writes
     a classes x filters heatmap of the gate. STD models have no gate: their filters
     are listed by the class whose mean activation is highest.
+
+    \b
+    Examples:
+      csgguard inspect                                 # runs/default: table + RUN/gate_heatmap.png
+      csgguard inspect --run runs/std --format json    # a STD twin: filters by mean activation
+      csgguard inspect --run cifar10-resnet20-csg --data-root DIR   # a shipped run (its heatmap as shipped)
+      csgguard inspect --run runs/mnist --data-root DIR --split val --heatmap mnist_gate.png --format csv
     """
     from ..inspect import inspect_run
 
