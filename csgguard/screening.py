@@ -74,9 +74,7 @@ class Screener:
         # a detector that scores the forward pass's tensors where they are is scored in the same pass
         direct = not self.detector.needs_inputs and type(self.detector).score_signals is not Detector.score_signals
         self.passes = _ScoredPass(self.loaded.model, self.detector if direct else None)
-        if isinstance(compile, str) and compile not in COMPILE_MODES:
-            raise CsgguardError(f"unknown compile mode {compile!r}; choose from {', '.join(COMPILE_MODES)}")
-        self.compile = compile
+        self.compile = check_compile_mode(compile)
         self._compiled: FixedBatch | None = None
         self.reset()
 
@@ -90,7 +88,8 @@ class Screener:
         A detector that scores the forward pass's tensors where they are
         (:meth:`~csgguard.detectors.base.Detector.score_signals`) is scored on the device and
         the three columns come back in one copy; any other goes through host features. With
-        ``compile``, the pass (and that score) runs compiled at the first batch's size.
+        ``compile``, the pass (and that score) runs compiled at one batch size (the first
+        batch's, or :meth:`rows`' ``batch_size``).
         """
         x = x.to(self.device, non_blocking=True)
         if self.compile and self._compiled is None:
@@ -112,10 +111,10 @@ class Screener:
 
         One eager call first: whatever the pass builds on first use (the detector's arrays on the
         device) then exists before tracing, so the compiled graph is one graph, not one per branch."""
-        with torch.no_grad():
-            self.passes(torch.zeros(1, self.spec.channels, self.spec.height, self.spec.width, device=self.device))
         from .progress import log
 
+        with torch.no_grad():
+            self.passes(torch.zeros(1, self.spec.channels, self.spec.height, self.spec.width, device=self.device))
         mode = None if self.compile in (True, "default") else self.compile
         log(f"--compile: the screening pass compiles for batches of {batch_size} on the first batch "
             "(about a minute the first time, seconds once torch's cache holds it)")
@@ -242,6 +241,13 @@ def check_threshold(value: Any, name: str = "--threshold") -> float:
 MAX_THRESHOLD = 1e12
 
 
+def check_compile_mode(compile: bool | str) -> bool | str:
+    """``compile`` as :class:`Screener` takes it: a bool, or one of :data:`COMPILE_MODES` by name."""
+    if isinstance(compile, str) and compile not in COMPILE_MODES:
+        raise CsgguardError(f"unknown compile mode {compile!r}; choose from {', '.join(COMPILE_MODES)}")
+    return compile
+
+
 def screen(paths: Iterable[str | os.PathLike] | str | os.PathLike, run_dir: str | os.PathLike = "runs/default", *,
            detector: str | os.PathLike | None = None, threshold: float | None = None, recursive: bool = False,
            follow_symlinks: bool = False, batch_size: int = 64, workers: int = 0,
@@ -263,8 +269,7 @@ def screen(paths: Iterable[str | os.PathLike] | str | os.PathLike, run_dir: str 
         raise CsgguardError(f"--batch-size must be >= 1, got {batch_size}")
     if workers < 0:
         raise CsgguardError(f"--workers must be >= 0, got {workers}")
-    if isinstance(compile, str) and compile not in COMPILE_MODES:
-        raise CsgguardError(f"unknown compile mode {compile!r}; choose from {', '.join(COMPILE_MODES)}")
+    check_compile_mode(compile)
     shard_files([], shard)  # a malformed shard is refused before anything is listed or loaded
     listing = list_inputs(paths, recursive=recursive, follow_symlinks=follow_symlinks)
     if not listing.entries and listing.skipped_subfolders:
