@@ -82,20 +82,17 @@ def main() -> None:
     x = decode()
     batches = [x[s:s + args.batch_size].to(dev) for s in range(0, len(x), args.batch_size)]
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    def over_batches(step):
+        """A timed pass: ``step`` on every decoded batch, then wait for the device."""
+        @torch.no_grad()
+        def run():
+            for b in batches:
+                step(b)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        return run
 
-    @torch.no_grad()
-    def bare():
-        for b in batches:
-            model(b)
-        sync()
-
-    def scored():
-        for b in batches:
-            screener.score_batch(b)
-        sync()
+    bare, scored = over_batches(model), over_batches(screener.score_batch)
 
     def end_to_end():
         for _ in screener.rows(files, batch_size=args.batch_size, workers=args.workers, progress=False):
@@ -111,19 +108,8 @@ def main() -> None:
         fast = Screener(run, device=args.device, compile=args.compile_mode)
         fast_net = FixedBatch(compile_module(model, dev, mode=None if args.compile_mode == "default"
                                              else args.compile_mode), args.batch_size)
+        bare_compiled, scored_compiled = over_batches(fast_net), over_batches(fast.score_batch)
         t0 = time.perf_counter()
-
-        @torch.no_grad()
-        def bare_compiled():
-            for b in batches:
-                fast_net(b)
-            sync()
-
-        def scored_compiled():
-            for b in batches:
-                fast.score_batch(b)
-            sync()
-
         bare_compiled()
         t1 = time.perf_counter()
         scored_compiled()

@@ -136,15 +136,19 @@ class Detector(BaseEstimator):
 
     def score_samples(self, features: Features, *, inputs=None) -> np.ndarray:
         self._check_fitted()
-        k, c = self._fitted_shape()
-        if (k is not None and k != features.num_filters) or (c is not None and c != features.num_classes):
-            raise CsgguardError(f"{self.name}: features have K={features.num_filters}, C={features.num_classes} "
-                                f"but the detector was fitted for K={k}, C={c} (another model?)")
+        self._check_shape(features.num_filters, features.num_classes)
         return np.asarray(self._score(features, inputs=inputs), dtype=np.float64)
 
     def _fitted_shape(self) -> tuple[int | None, int | None]:
         """(K filters, C classes) the fitted arrays read, where they say (``None``: not stated)."""
         return None, None
+
+    def _check_shape(self, k: int, c: int) -> None:
+        """The features' K filters and C classes are the fitted ones (not another model's)."""
+        k_fit, c_fit = self._fitted_shape()
+        if (k_fit is not None and k != k_fit) or (c_fit is not None and c != c_fit):
+            raise CsgguardError(f"{self.name}: features have K={k}, C={c} but the detector was fitted "
+                                f"for K={k_fit}, C={c_fit} (another model?)")
 
     def score_signals(self, logits: torch.Tensor, pooled: torch.Tensor, taps=()) -> torch.Tensor | None:
         """The score straight from one forward pass's tensors, on their device, or ``None``.

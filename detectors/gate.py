@@ -93,12 +93,9 @@ class _GateProfile:
     def _check_features(self, f: Features) -> None:
         self._check_shape(f.num_filters, f.num_classes)
 
-    def _check_shape(self, k: int, c: int) -> None:
-        """The features' K filters and C classes are the fitted ones (not another model's)."""
+    def _fitted_shape(self) -> tuple[int, int]:
         c_num, k_num = self.arrays_["means_"].shape
-        if k != k_num or c != c_num:
-            raise CsgguardError(f"features have K={k}, C={c} but the detector was fitted "
-                                f"for K={k_num}, C={c_num} (another model?)")
+        return k_num, c_num
 
     def statistics(self, features: Features) -> dict[str, np.ndarray]:
         """Each component's clean z-score (two-sided ones as |z|): what the score combines."""
