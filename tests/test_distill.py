@@ -132,49 +132,40 @@ def test_cli_distill_options_need_a_teacher(tmp_path):
     assert r.exit_code != 0 and "nowhere" in r.output and "Traceback" not in r.output
 
 
-def test_a_resumed_distilled_run_reads_its_targets_from_the_checkpoint(tmp_path, monkeypatch, digits_std_run):
-    """The teachers score the training images once per run: a resume reads their targets from the
-    checkpoint and ends where an uninterrupted run ends."""
+def _interrupted_and_resumed(tmp_path, monkeypatch, cfg: dict, epoch: int):
+    """Train ``cfg`` whole, and again interrupted when (0-based) ``epoch`` starts then resumed with the
+    teachers stubbed out; assert the resume scored no teacher and ended where the whole run did."""
     import importlib
 
     train_module = importlib.import_module("csgguard.train")  # the module (csgguard.train is also the function)
-
-    cfg = dict(data="digits", epochs=3, seed=1, width=16, teachers=(str(digits_std_run),))
     full = train(TrainConfig(**cfg), tmp_path / "full", progress=False)
-    with ctrl_c_at_epoch(monkeypatch, 2):
+    with ctrl_c_at_epoch(monkeypatch, epoch):
         with pytest.raises(KeyboardInterrupt):
             train(TrainConfig(**cfg), tmp_path / "part", progress=False)
     calls = []
     with monkeypatch.context() as m:
         m.setattr(train_module, "teacher_targets", lambda *a, **k: calls.append(1))
         resumed = train(TrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)
-    assert calls == []  # not recomputed
+    assert calls == []  # the targets came from the checkpoint, not recomputed
     assert resumed.summary["test_accuracy"] == full.summary["test_accuracy"]
     sa = load_model(tmp_path / "full").model.state_dict()
     sb = load_model(tmp_path / "part").model.state_dict()
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+    return full
+
+
+def test_a_resumed_distilled_run_reads_its_targets_from_the_checkpoint(tmp_path, monkeypatch, digits_std_run):
+    """The teachers score the training images once per run: a resume reads their targets from the
+    checkpoint and ends where an uninterrupted run ends."""
+    _interrupted_and_resumed(tmp_path, monkeypatch,
+                             dict(data="digits", epochs=3, seed=1, width=16, teachers=(str(digits_std_run),)), 2)
 
 
 def test_distilling_from_the_first_epoch_resumes_inside_the_averaging_epochs(tmp_path, monkeypatch, digits_std_run):
     """The path of a long distilled run (benchmarks/cpu_cifar.sh with KD): teachers from the first epoch,
-    then averaging epochs, interrupted in the second averaging epoch and resumed: the targets come from
-    the checkpoint and the average is the one an uninterrupted run makes."""
-    import importlib
-
-    train_module = importlib.import_module("csgguard.train")
-    cfg = dict(data="digits", epochs=2, swa_epochs=2, seed=4, width=16, teachers=(str(digits_std_run),))
-    full = train(TrainConfig(**cfg), tmp_path / "full", progress=False)
+    then averaging epochs, interrupted in the second averaging epoch (0-based 3) and resumed: the
+    targets come from the checkpoint and the average is the one an uninterrupted run makes."""
+    full = _interrupted_and_resumed(tmp_path, monkeypatch, dict(data="digits", epochs=2, swa_epochs=2, seed=4, width=16,
+                                                                 teachers=(str(digits_std_run),)), 3)
     assert [bool(r.get("averaged")) for r in full.history] == [False, False, True, True]
     assert full.summary["weights"] == "average of epochs 3-4"
-    with ctrl_c_at_epoch(monkeypatch, 3):  # 0-based: the second averaging epoch
-        with pytest.raises(KeyboardInterrupt):
-            train(TrainConfig(**cfg), tmp_path / "part", progress=False)
-    calls = []
-    with monkeypatch.context() as m:
-        m.setattr(train_module, "teacher_targets", lambda *a, **k: calls.append(1))
-        resumed = train(TrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)
-    assert calls == []
-    assert resumed.summary["test_accuracy"] == full.summary["test_accuracy"]
-    sa = load_model(tmp_path / "full").model.state_dict()
-    sb = load_model(tmp_path / "part").model.state_dict()
-    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
