@@ -26,6 +26,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -608,15 +609,20 @@ def load_cifar10_dataset(root: str | os.PathLike, val_fraction: float = 0.1, see
 
 # ----------------------------------------------------------------------------- by name
 
+def check_val_fraction(value: Any) -> float:
+    """The share of train carved out as validation: a finite number in (0, 1)."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < 1):
+        raise DataError(f"val_fraction must be a number in (0, 1), got {value!r}")
+    return value
+
+
 def load_dataset(spec: str = "digits", root: str | os.PathLike | None = None, *, seed: int = 0,
                  val_fraction: float | None = None) -> Dataset:
     """Resolve a dataset name (see module docstring) into its splits."""
     spec = (spec or "digits").strip()
     kw = {"seed": seed}
     if val_fraction is not None:
-        if isinstance(val_fraction, bool) or not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
-            raise DataError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
-        kw["val_fraction"] = val_fraction
+        kw["val_fraction"] = check_val_fraction(val_fraction)
     if spec == "digits":
         ds = load_digits_dataset(**kw)
         ds.spec = "digits"

@@ -63,8 +63,18 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
         i, n = (int(v) for v in str(text).split("/", 1))
     except ValueError:
         raise CsgguardError(f"--shard {text!r} must look like I/N, e.g. 0/4 (I counts from 0)") from None
+    return check_shard((i, n), f"--shard {text!r}")
+
+
+def check_shard(shard, name: str | None = None) -> tuple[int, int]:
+    """A shard ``(I, N)`` as integers with 0 <= I < N; errors name it as ``name`` (default the pair)."""
+    name = name or f"shard {shard!r}"
+    try:
+        i, n = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise CsgguardError(f"{name} must be a pair (I, N) of integers") from None
     if n < 1 or not 0 <= i < n:
-        raise CsgguardError(f"--shard {text!r}: need 0 <= I < N")
+        raise CsgguardError(f"{name}: need 0 <= I < N")
     return i, n
 
 
@@ -77,12 +87,7 @@ def shard_files(files: Sequence[str], shard: tuple[int, int] | None, batch_size:
     """
     if shard is None:
         return list(files)
-    try:
-        i, n = (int(v) for v in shard)
-    except (TypeError, ValueError):
-        raise CsgguardError(f"shard {shard!r} must be a pair (I, N) of integers") from None
-    if n < 1 or not 0 <= i < n:
-        raise CsgguardError(f"shard {shard!r}: need 0 <= I < N")
+    i, n = check_shard(shard)
     batches = -(-len(files) // batch_size)
     start, stop = i * batches // n * batch_size, (i + 1) * batches // n * batch_size
     return list(files[start:stop])

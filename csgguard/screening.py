@@ -28,7 +28,7 @@ from .compiling import FixedBatch, compile_errors, compile_module
 from .devices import select_device
 from .errors import CsgguardError
 from .features import features_from_outputs
-from .images import ImageFiles, InputSpec, shard_files
+from .images import ImageFiles, InputSpec, check_shard, shard_files
 from .listing import Listing, list_inputs
 from .models.store import LoadedModel, load_model
 
@@ -270,7 +270,8 @@ def screen(paths: Iterable[str | os.PathLike] | str | os.PathLike, run_dir: str 
     if workers < 0:
         raise CsgguardError(f"--workers must be >= 0, got {workers}")
     check_compile_mode(compile)
-    shard_files([], shard)  # a malformed shard is refused before anything is listed or loaded
+    if shard is not None:  # a malformed shard is refused before anything is listed or loaded
+        check_shard(shard)
     listing = list_inputs(paths, recursive=recursive, follow_symlinks=follow_symlinks)
     if not listing.entries and listing.skipped_subfolders:
         names = ", ".join(os.fspath(p) if isinstance(os.fspath(p), str) else os.fsdecode(p) for p in paths)

@@ -47,7 +47,7 @@ from .artifacts import (
     write_json,
 )
 from .compiling import compile_errors, compile_module
-from .data import Dataset, load_dataset
+from .data import Dataset, check_val_fraction, load_dataset
 from .devices import autocast, channels_last, select_device
 from .distill import distillation_loss, teacher_targets
 from .distributed import (
@@ -208,8 +208,8 @@ class TrainConfig:
             raise CsgguardError(f"gamma must be in (0, 1], got {self.gamma}")
         if not all(math.isfinite(m) and 0 < m < 1 for m in self.milestones):
             raise CsgguardError(f"milestones are fractions of the schedule in (0, 1), got {tuple(self.milestones)}")
-        if self.val_fraction is not None and not (math.isfinite(self.val_fraction) and 0 < self.val_fraction < 1):
-            raise CsgguardError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.val_fraction is not None:
+            check_val_fraction(self.val_fraction)
         for name, low in (("warmup", 0), ("period", 1), ("csg_from", 0)):
             v = getattr(self, name)
             if v is not None and v < low:
