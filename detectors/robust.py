@@ -104,6 +104,11 @@ class GateRobustDetector(Detector):
         attack) come from: ``cross-fit`` (out-of-fold scores: each clean fit image scored by
         heads and guard fitted without it, 5 folds; the default) or ``in-sample`` (the fit
         images' own scores; files saved before the parameter existed load so).
+    head_fpr : where the heads' clean units put their zero: their ``1 - head_fpr`` clean quantile
+        (default ``None``: ``fpr``, the guard's own). Below ``fpr`` the heads' part of the union
+        reaches the threshold only further out, so more of the false-positive budget stays with
+        the guard (csg-clean) and less with the heads; the union's threshold is calibrated on
+        clean images as always.
     seed : attack starts, budgets, targets and initialisation.
     fpr : target false-positive rate for :meth:`calibrate`.
     """
@@ -117,7 +122,8 @@ class GateRobustDetector(Detector):
     def __init__(self, *, inputs: str = "pooled,taps,logits", hidden: int = 64, rounds: int = 3,
                  train_eps: str | Sequence[float] | None = None, steps: int = 20, limit: int = 2000,
                  epochs: int = 300, lr: float = 0.01, weight_decay: float = 1e-4, guard: str = "csg-clean",
-                 units: str = "cross-fit", seed: int = 0, batch_size: int = 256, fpr: float = 0.05) -> None:
+                 units: str = "cross-fit", head_fpr: float | None = None, seed: int = 0, batch_size: int = 256,
+                 fpr: float = 0.05) -> None:
         super().__init__(fpr=fpr)
         self.inputs = inputs
         self.hidden = hidden
@@ -130,6 +136,7 @@ class GateRobustDetector(Detector):
         self.weight_decay = weight_decay
         self.guard = guard
         self.units = units
+        self.head_fpr = head_fpr
         self.seed = seed
         self.batch_size = batch_size
         self._model = None
@@ -221,6 +228,9 @@ class GateRobustDetector(Detector):
         if self.train_eps is not None:
             _budgets(self.train_eps, ())
         self._check_guard()
+        if self.head_fpr is not None and (isinstance(self.head_fpr, bool) or not isinstance(self.head_fpr, (int, float))
+                                          or not 0 < self.head_fpr < 1):
+            raise CsgguardError(f"csg-robust: head_fpr must be a number in (0, 1) or None, got {self.head_fpr!r}")
 
     def _fit(self, clean: Features, adversarial=None, *, inputs=None, adversarial_inputs=None) -> None:
         self.blocks_ = list(_parse_blocks(self.inputs))
@@ -369,7 +379,7 @@ class GateRobustDetector(Detector):
         if self.guard_ is None:
             union = h
         else:
-            self.union_ = (*self._clean_units(h), *self._guard_units)
+            self.union_ = (*self._clean_units(h, self.head_fpr), *self._guard_units)
             hq, hs, gq, gs = self.union_
             union = np.logaddexp((h - hq) / hs, (self._guard_clean - gq) / gs)
         self.fit_threshold_, self.fit_scale_ = self._clean_units(union)
@@ -406,10 +416,11 @@ class GateRobustDetector(Detector):
                 opt.step()
         return {k: t.detach() for k, t in params.items()}
 
-    def _clean_units(self, clean_scores: np.ndarray) -> tuple[float, float]:
+    def _clean_units(self, clean_scores: np.ndarray, fpr: float | None = None) -> tuple[float, float]:
         """(``1 - fpr`` quantile, standard deviation) of clean fit scores: the union's units, and the
-        operating point and scale the adaptive rounds attack."""
-        return float(np.quantile(clean_scores, 1 - self.fpr)), float(np.std(clean_scores)) or 1.0
+        operating point and scale the adaptive rounds attack (``fpr``: the detector's unless given)."""
+        q = 1 - (self.fpr if fpr is None else fpr)
+        return float(np.quantile(clean_scores, q)), float(np.std(clean_scores)) or 1.0
 
     # -- persistence ----------------------------------------------------------
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -218,6 +218,36 @@ def test_csg_robust_cross_fitted_units_match_unseen_clean_images(digits):
         build_detector("csg-robust", units="oracle").bind_model(model).fit(fit, inputs=x_fit)
 
 
+def test_csg_robust_head_fpr_moves_the_heads_zero_and_leaves_the_guard(digits):
+    """``head_fpr`` puts the heads' clean zero at their ``1 - head_fpr`` clean quantile instead of the
+    ``1 - fpr`` one: the heads are the same, the guard's units are the same, and on every clean image the
+    guard's term wins at least wherever it won before (the false-positive budget moves toward the guard).
+    ``None`` is ``fpr``; a value outside (0, 1) is refused before any work."""
+    model, ds, fit, x_fit, val = digits
+    # heads large enough that no class's head is constant on its clean images (tiny ones can be)
+    kw = dict(rounds=0, steps=3, limit=100, epochs=300, hidden=64, weight_decay=0.0, lr=0.03, units="in-sample")
+    base = build_detector("csg-robust", **kw).bind_model(model).fit(fit, inputs=x_fit)
+    low = build_detector("csg-robust", head_fpr=0.01, **kw).bind_model(model).fit(fit, inputs=x_fit)
+    same = build_detector("csg-robust", head_fpr=0.05, **kw).bind_model(model).fit(fit, inputs=x_fit)
+    np.testing.assert_array_equal(base.w1_, low.w1_)
+    heads_fit = base._head_score(*as_tensors(fit)).numpy()
+    assert low.union_[0] == pytest.approx(np.quantile(heads_fit, 0.99))
+    assert base.union_[0] == pytest.approx(np.quantile(heads_fit, 0.95)) and low.union_[0] > base.union_[0]
+    assert low.union_[1:] == base.union_[1:] and same.union_ == base.union_
+
+    def guard_wins(det):
+        rows = as_tensors(val)
+        hq, hs, gq, gs = det.union_
+        h = (det._head_score(*rows).numpy() - hq) / hs
+        g = (det.guard_.torch_score(*rows).numpy() - gq) / gs
+        return g > h
+
+    assert np.all(guard_wins(low) >= guard_wins(base)) and guard_wins(low).sum() > guard_wins(base).sum()
+    for bad in (0, 1, -0.1, "0.01", True):
+        with pytest.raises(CsgguardError, match="head_fpr"):
+            build_detector("csg-robust", head_fpr=bad).bind_model(model).fit(fit, inputs=x_fit)
+
+
 def test_cli_attack_adaptive_saves_a_set_against_the_run_detector(fitted_run):
     from click.testing import CliRunner
 

@@ -599,6 +599,7 @@ def test_item16_plain_progress_lines_on_a_non_terminal(monkeypatch):
     ("csg-robust", "train_eps=abc", "train_eps"),
     ("csg-robust", "seed=-1", "seed"),
     ("csg-robust", "inputs=5", "inputs"),
+    ("csg-robust", "head_fpr=2", "head_fpr"),
     ("union", 'part_params={"csg-clean": {"components": 5}}', "components"),
 ])
 def test_detector_params_are_one_line_exit_2_before_any_work(digits_csg_run, tmp_path, monkeypatch, detector,
