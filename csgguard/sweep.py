@@ -76,12 +76,13 @@ def parse_budget_list(value: str | float | Sequence[str | float] | None, name: s
 
 
 def format_eps(eps: float) -> str:
-    """0.1 -> '0.1', 8/255 -> '8/255', 0.2 -> '0.2' (short decimals win over /255)."""
+    """0.1 -> '0.1', 8/255 -> '8/255', 1.5/255 -> '1.5/255', 0.2 -> '0.2' (short decimals win over
+    /255; half steps of 1/255 read as they were typed, and parse back through parse_fraction)."""
     if abs(eps - round(eps, 3)) < 1e-9:
         return f"{round(eps, 3):g}"
     k = eps * 255
-    if abs(k - round(k)) < 1e-6:
-        return f"{int(round(k))}/255"
+    if abs(2 * k - round(2 * k)) < 1e-6:
+        return f"{round(2 * k) / 2:g}/255"
     return f"{eps:.4g}"
 
 

@@ -35,6 +35,8 @@ def test_cells_from_names_and_budgets():
     assert parse_budget_list("0.3, 8/255,0.1", "--eps") == pytest.approx((0.3, 8 / 255, 0.1))
     assert check_budgets((0.3, 0.1, 0.3), "linf") == (0.1, 0.3)
     assert [format_eps(e) for e in (0.1, 0.2, 8 / 255, 2 / 255, 1.5)] == ["0.1", "0.2", "8/255", "2/255", "1.5"]
+    assert format_eps(1.5 / 255) == "1.5/255" and format_eps(1 / 300) == "0.003333"
+    assert parse_budget_list(format_eps(1.5 / 255), "--eps") == (1.5 / 255,)
 
 
 def test_default_sweep_per_dataset():
