@@ -108,7 +108,8 @@ class GateRobustDetector(Detector):
         (default ``None``: ``fpr``, the guard's own). Below ``fpr`` the heads' part of the union
         reaches the threshold only further out, so more of the false-positive budget stays with
         the guard (csg-clean) and less with the heads; the union's threshold is calibrated on
-        clean images as always.
+        clean images as always. No effect with ``guard="none"``. Judged for the default and
+        rejected on digits (docs/adaptive.md, "Sharing the false-positive budget").
     seed : attack starts, budgets, targets and initialisation.
     fpr : target false-positive rate for :meth:`calibrate`.
     """
