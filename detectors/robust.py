@@ -46,10 +46,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from numbers import Real
 from typing import Any
 
 import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval
 
 from .. import scores as S
 from ..errors import CsgguardError
@@ -119,6 +121,8 @@ class GateRobustDetector(Detector):
     needs_inputs = False
     #: fitting needs the model (``bind_model``) and the fit images (``inputs=``); screening does not
     needs_model_to_fit = True
+    _parameter_constraints = {**Detector._parameter_constraints,
+                              "head_fpr": [None, Interval(Real, 0, 1, closed="neither")]}
 
     def __init__(self, *, inputs: str = "pooled,taps,logits", hidden: int = 64, rounds: int = 3,
                  train_eps: str | Sequence[float] | None = None, steps: int = 20, limit: int = 2000,
@@ -229,9 +233,6 @@ class GateRobustDetector(Detector):
         if self.train_eps is not None:
             _budgets(self.train_eps, ())
         self._check_guard()
-        if self.head_fpr is not None and (isinstance(self.head_fpr, bool) or not isinstance(self.head_fpr, (int, float))
-                                          or not 0 < self.head_fpr < 1):
-            raise CsgguardError(f"csg-robust: head_fpr must be a number in (0, 1) or None, got {self.head_fpr!r}")
 
     def _fit(self, clean: Features, adversarial=None, *, inputs=None, adversarial_inputs=None) -> None:
         self.blocks_ = list(_parse_blocks(self.inputs))
