@@ -3,7 +3,7 @@
 # against ROUNDS on the shipped CIFAR-10 CSG model, 1,500 test images: PGD 2/255 and 8/255, C&W, and
 # the adaptive PGD 2/255 aimed at each csg-robust. Several hours of one thread (each csg-robust fit
 # attacks the fit images once per round).
-#   ROUNDS=6 OMP_NUM_THREADS=1 bash benchmarks/robust_rounds_cifar10.sh [CIFAR_ROOT] [OUT]
+#   ROUNDS=10 OMP_NUM_THREADS=1 bash benchmarks/robust_rounds_cifar10.sh [CIFAR_ROOT] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifar10-jpeg}

@@ -2,7 +2,7 @@
 # The MNIST confirmation of docs/adaptive.md "More adaptive rounds": csg-robust at its default 3
 # rounds against ROUNDS (the value chosen on digits), on the MNIST pair (trained here if absent),
 # 1,500 test images, PGD and C&W at Linf 0.1 and the adaptive PGD 0.1 aimed at each detector.
-#   ROUNDS=6 OMP_NUM_THREADS=1 bash benchmarks/robust_rounds_mnist.sh [MNIST_ROOT] [OUT]
+#   ROUNDS=10 OMP_NUM_THREADS=1 bash benchmarks/robust_rounds_mnist.sh [MNIST_ROOT] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/mnist}
