@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from statistics import mean
 
 DEFAULT = "csg-robust"
@@ -35,7 +36,7 @@ def main() -> None:
     # (file, model) -> detector -> cell -> row
     grid: dict[tuple[str, str], dict[str, dict[str, dict]]] = {}
     for path in args.files:
-        for r in json.load(open(path))["rows"]:
+        for r in json.loads(Path(path).read_text())["rows"]:
             if r["attack"].startswith("adaptive") and r.get("target") != r["detector"]:
                 continue  # only the attack aimed at the detector itself counts
             grid.setdefault((path, r["model"]), {}).setdefault(r["detector"], {})[r["cell"]] = r
